@@ -1,0 +1,167 @@
+"""`KNNConfig`: the one frozen description of how a model's attention is made kNN attention.
+
+It is validated when built, saved in the model's `config.json` under `knn_attention` (without the
+run-time-only fields) and read back by `knn_patch.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import __version__
+
+_K_RULE = re.compile(r"^n\^(\d*\.?\d+)$")
+K_RULES = ("sqrt", "log", "n^<p>")
+
+
+def _k_error(value: Any) -> ValueError:
+    return ValueError(
+        f"KNNConfig.k={value!r} is invalid: use an int >= 1, or a rule of the number of keys n: "
+        f"{', '.join(repr(r) for r in K_RULES)} (for example 'n^0.125', with 0 < p <= 1)."
+    )
+
+
+def _validate_k(value: Any) -> int | str:
+    if isinstance(value, bool):
+        raise _k_error(value)
+    if isinstance(value, int):
+        if value < 1:
+            raise _k_error(value)
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if text.isdigit():
+            return _validate_k(int(text))
+        if text in ("sqrt", "log"):
+            return text
+        match = _K_RULE.match(text)
+        if match and 0.0 < float(match.group(1)) <= 1.0:
+            return text
+    raise _k_error(value)
+
+
+def resolve_k(k: int | str, n: int) -> int:
+    """The number of nearest keys per query for a call with `n` keys: an int as is, or a rule of n.
+
+    Rules round up and never go below 1: "sqrt" is ceil(sqrt(n)), "log" is ceil(log2(n)),
+    "n^p" is ceil(n ** p).
+    """
+    if isinstance(k, int):
+        return k
+    n = max(int(n), 1)
+    if k == "sqrt":
+        return max(1, math.ceil(math.sqrt(n)))
+    if k == "log":
+        return max(1, math.ceil(math.log2(n)))
+    return max(1, math.ceil(n ** float(k[2:]) - 1e-9))
+
+
+def _validate_layers(value: Any) -> tuple[int, ...] | None:
+    if value is None or (isinstance(value, str) and value.lower() == "all"):
+        return None
+    if isinstance(value, (int, str)) or not isinstance(value, Iterable):
+        raise ValueError(
+            f"KNNConfig.layers={value!r} is invalid: use 'all' (or None), a list of layer indices, or a range."
+        )
+    layers = tuple(value)
+    if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+        raise ValueError(
+            f"KNNConfig.layers={value!r} is invalid: the indices must be a non-empty list of ints >= 0, "
+            "or 'all'."
+        )
+    return tuple(sorted(set(layers)))
+
+
+@dataclass(frozen=True)
+class KNNConfig:
+    """How to turn dense attention into kNN attention.
+
+    Each selected layer's queries attend to their `k` keys of largest scaled score among the keys
+    they may see (causal, padding and sliding-window masks applied first), plus the always-kept
+    `sink_tokens` and `local_window` keys.
+    """
+
+    k: int | str = field(
+        default=32,
+        metadata={"help": "Keys per query: an int >= 1, or 'sqrt', 'log', 'n^p' of the call's key count n."},
+    )
+    backend: str = field(
+        default="topk",
+        metadata={"help": "Registered backend name; see knn_patch.available_backends()."},
+    )
+    layers: tuple[int, ...] | None = field(
+        default=None,
+        metadata={"help": "Layer indices made kNN; None or 'all' means every layer. Others stay dense."},
+    )
+    sink_tokens: int = field(
+        default=0,
+        metadata={"help": "The first keys of the sequence, always kept on top of the k nearest."},
+    )
+    local_window: int = field(
+        default=0,
+        metadata={"help": "The keys just before each query (itself included), always kept on top of the k nearest."},
+    )
+    backend_options: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Extra settings the backend validates itself (for sampled estimators)."},
+    )
+    chunk_size: int = field(
+        default=512,
+        metadata={"help": "Queries per kernel chunk; bounds memory. Run-time only, not saved.", "runtime": True},
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "k", _validate_k(self.k))
+        object.__setattr__(self, "layers", _validate_layers(self.layers))
+        for name in ("sink_tokens", "local_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"KNNConfig.{name}={value!r} is invalid: use an int >= 0.")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"KNNConfig.chunk_size={self.chunk_size!r} is invalid: use an int >= 1.")
+        if not isinstance(self.backend_options, Mapping):
+            raise ValueError(f"KNNConfig.backend_options={self.backend_options!r} is invalid: use a dict.")
+        object.__setattr__(self, "backend_options", dict(self.backend_options))
+        from .registry import validate_backend  # late: the registry imports this module
+
+        validate_backend(self.backend, self.backend_options)
+
+    def resolve_k(self, n: int) -> int:
+        """Keys per query for a call with `n` keys."""
+        return resolve_k(self.k, n)
+
+    def uses_layer(self, layer_idx: int) -> bool:
+        return self.layers is None or layer_idx in self.layers
+
+    def replace(self, **changes: Any) -> KNNConfig:
+        """A copy with `changes` applied and validated."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The saved form: every field but the run-time ones, plus the knn_patch version."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("runtime"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        out["knn_patch_version"] = __version__
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KNNConfig:
+        """Inverse of `to_dict`. Unknown keys are an error naming them."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"A KNNConfig dict is expected, got {type(data).__name__}.")
+        data = dict(data)
+        data.pop("knn_patch_version", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"Unknown KNNConfig keys {unknown}; allowed keys are {sorted(names)}.")
+        return cls(**data)

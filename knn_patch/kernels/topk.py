@@ -1,0 +1,322 @@
+"""Exact top-k attention: each query attends to its k keys of largest scaled score.
+
+The kernel works in query chunks, so no (Lq, Lk) score matrix for the whole sequence is ever
+held, and its autograd backward keeps only O(Lq * k) state: the selected key indices and their
+probabilities. Scores are computed in fp32 with autocast off.
+
+Per chunk of C queries, the key range is cut to the keys any query of the chunk may see (causal
+and window masks skip whole blocks), then the top-k is found in two exact stages:
+
+    scores (C, L) --max over groups of g keys--> (C, L/g) --top-k groups--> k*g candidates --top-k--> k
+
+Every key of the true top-k lies in one of the k groups of largest maximum (each such group holds
+at least one score >= the k-th largest group maximum, which bounds the k-th largest score from
+below), so the second stage sees all of them and the result is exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Gathered-key working set per chunk, in elements; the chunk shrinks to respect it when k is large.
+_GATHER_BUDGET = 1 << 25
+
+
+def _key_range(mask: torch.Tensor | None, causal: bool, q0: int, q1: int, lq: int, lk: int) -> tuple[int, int]:
+    """The smallest [lo, hi) holding every key some query in [q0, q1) may see."""
+    if mask is not None:
+        cols = mask[..., q0:q1, :].reshape(-1, mask.shape[-1]).any(0).nonzero()  # (nnz, 1)
+        if cols.numel() == 0:
+            return 0, 0
+        return int(cols[0]), int(cols[-1]) + 1
+    if causal:
+        return 0, min(lk, q1 + lk - lq)
+    return 0, lk
+
+
+def _chunk_scores(q: torch.Tensor, key: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    # (B, Hkv, G*C, D) @ (B, Hkv, D, L) -> (B, Hkv, G*C, L)
+    s = torch.matmul(q * scale, key.transpose(-1, -2))
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    return s
+
+
+def _visible(
+    mask: torch.Tensor | None, causal: bool, q0: int, q1: int, lo: int, hi: int, lq: int, lk: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Boolean (B|1, 1|Hkv, 1|G, C, L) of the keys each query may see, or None when it sees all."""
+    if mask is not None:
+        return mask[..., q0:q1, lo:hi]
+    if causal:
+        qpos = torch.arange(q0, q1, device=device).unsqueeze(-1) + (lk - lq)  # (C, 1)
+        kpos = torch.arange(lo, hi, device=device).unsqueeze(0)  # (1, L)
+        return (kpos <= qpos).view(1, 1, 1, q1 - q0, hi - lo)
+    return None
+
+
+def _forced(
+    visible: torch.Tensor | None, shape: tuple[int, ...], q0: int, q1: int, lo: int, hi: int, lq: int,
+    lk: int, sink_tokens: int, local_window: int, device: torch.device,
+) -> torch.Tensor:
+    """Boolean mask of the always-kept keys: the first `sink_tokens` visible keys and the
+    `local_window` keys ending at each query's own position."""
+    c, n = q1 - q0, hi - lo
+    qpos = torch.arange(q0, q1, device=device).unsqueeze(-1) + (lk - lq)  # (C, 1)
+    kpos = torch.arange(lo, hi, device=device).unsqueeze(0)  # (1, L)
+    forced = torch.zeros(1, 1, 1, c, n, dtype=torch.bool, device=device)
+    if local_window:
+        forced = forced | ((kpos <= qpos) & (kpos > qpos - local_window)).view(1, 1, 1, c, n)
+    if sink_tokens:
+        if visible is None:
+            forced = forced | (kpos < sink_tokens).view(1, 1, 1, 1, n)
+        else:
+            # rank of each visible key among the visible ones, so left padding does not eat the sinks
+            rank = visible.to(torch.int32).cumsum(-1)
+            forced = forced | (rank <= sink_tokens)
+    if visible is not None:
+        forced = forced & visible
+    return forced.expand(shape)
+
+
+def _select(scores: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-kk (values, indices) along the last dim, in two stages when the row is long."""
+    n = scores.shape[-1]
+    if kk >= n:
+        return scores, torch.arange(n, device=scores.device).expand(scores.shape)
+    g = 2 ** int(math.log2(max(1.0, math.sqrt(n / kk))))  # balances n/g group maxima against kk*g candidates
+    if g < 4 or n < 4 * kk * g:
+        return scores.topk(kk, dim=-1)
+    pad = -n % g
+    if pad:
+        scores = torch.nn.functional.pad(scores, (0, pad), value=-math.inf)
+    lead = scores.shape[:-1]
+    group_max = scores.view(*lead, -1, g).amax(-1)  # (..., n/g)
+    top_groups = group_max.topk(kk, dim=-1).indices  # (..., kk)
+    cand = (top_groups.unsqueeze(-1) * g + torch.arange(g, device=scores.device)).flatten(-2)  # (..., kk*g)
+    values, pos = scores.gather(-1, cand).topk(kk, dim=-1)  # (..., kk)
+    return values, cand.gather(-1, pos)
+
+
+def _probabilities(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Softmax over the kept entries; rows with none kept (fully padded) give all-zero weights."""
+    s = scores.masked_fill(~keep, -math.inf)
+    mx = s.amax(-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    e = torch.exp(s - mx)
+    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+
+
+class _TopKAttention(torch.autograd.Function):
+    """Inputs in grouped layout: q (B, Hkv, G, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv).
+
+    Saves the selected indices (B, Hkv, G, Lq, kk) and weights, never the score matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, q, key, value, mask, k, scale, softcap, causal, sink_tokens, local_window, dropout,
+                chunk_size, generator):
+        b, hkv, g, lq, d = q.shape
+        lk, dv = key.shape[2], value.shape[-1]
+        device = q.device
+        n_forced = sink_tokens + local_window
+        kk = min(k + n_forced, lk)
+        chunk = max(1, min(chunk_size, _GATHER_BUDGET // max(1, b * hkv * g * kk * max(d, dv))))
+
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
+        k32, v32 = key.to(acc), value.to(acc)
+        out = torch.zeros(b, hkv, g, lq, dv, dtype=acc, device=device)
+        idx_all = torch.zeros(b, hkv, g, lq, kk, dtype=torch.int64, device=device)
+        p_all = torch.zeros(b, hkv, g, lq, kk, dtype=acc, device=device)
+        drop_all = torch.ones(b, hkv, g, lq, kk, dtype=torch.bool, device=device) if dropout > 0 else None
+        s_all = torch.zeros_like(p_all) if softcap is not None else None
+        ranges = []
+        for q0 in range(0, lq, chunk):
+            q1 = min(q0 + chunk, lq)
+            c = q1 - q0
+            lo, hi = _key_range(mask, causal, q0, q1, lq, lk)
+            ranges.append((q0, q1, lo, hi))
+            n = hi - lo
+            if n == 0:
+                continue
+            qc = q[:, :, :, q0:q1].to(acc).reshape(b, hkv, g * c, d)
+            s = _chunk_scores(qc, k32[:, :, lo:hi], scale, softcap).view(b, hkv, g, c, n)  # (B, Hkv, G, C, L)
+            visible = _visible(mask, causal, q0, q1, lo, hi, lq, lk, device)
+            if visible is not None:
+                s = s.masked_fill(~visible, -math.inf)
+            take = min(kk, n)
+            if n_forced:
+                forced = _forced(visible, s.shape, q0, q1, lo, hi, lq, lk, sink_tokens, local_window, device)
+                _, pos = _select(s.masked_fill(forced, math.inf), take)  # forced keys first, then by score
+                vals = s.gather(-1, pos)
+                is_forced = forced.gather(-1, pos)
+                # overlapping sinks and window free slots: keep the forced keys and only the k best others
+                rank = (~is_forced).cumsum(-1)
+                keep = torch.isfinite(vals) & (is_forced | (rank <= k))
+            else:
+                vals, pos = _select(s, take)  # (B, Hkv, G, C, take)
+                keep = torch.isfinite(vals)
+            p = _probabilities(vals, keep)
+            if dropout > 0:
+                drop = torch.rand(p.shape, device=device, generator=generator) >= dropout
+                drop_all[:, :, :, q0:q1, :take] = drop
+                pw = p * drop / (1 - dropout)
+            else:
+                pw = p
+            out[:, :, :, q0:q1] = _apply_weights(pw, pos, v32[:, :, lo:hi], n)
+            idx_all[:, :, :, q0:q1, :take] = pos + lo
+            p_all[:, :, :, q0:q1, :take] = p
+            if s_all is not None:
+                s_all[:, :, :, q0:q1, :take] = torch.where(keep, vals, torch.zeros_like(vals))
+
+        ctx.save_for_backward(q, key, value, idx_all, p_all, drop_all, s_all)
+        ctx.meta = (scale, softcap, dropout, chunk, ranges)
+        ctx.mark_non_differentiable(idx_all, p_all)
+        return out, idx_all, p_all
+
+    @staticmethod
+    def backward(ctx, d_out, _d_idx, _d_p):
+        q, key, value, idx_all, p_all, drop_all, s_all = ctx.saved_tensors
+        scale, softcap, dropout, _, ranges = ctx.meta
+        b, hkv, g, lq, d = q.shape
+        dv = value.shape[-1]
+        acc = p_all.dtype
+        k32, v32 = key.to(acc), value.to(acc)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(key.shape, dtype=acc, device=q.device)
+        dvv = torch.zeros(value.shape, dtype=acc, device=q.device)
+        d_out = d_out.to(acc)
+        for q0, q1, lo, hi in ranges:
+            n = hi - lo
+            if n == 0:
+                continue
+            c = q1 - q0
+            take = min(idx_all.shape[-1], n)
+            pos = idx_all[:, :, :, q0:q1, :take] - lo  # (B, Hkv, G, C, take)
+            p = p_all[:, :, :, q0:q1, :take]
+            keep_scale = drop_all[:, :, :, q0:q1, :take] / (1 - dropout) if drop_all is not None else None
+            pw = p * keep_scale if keep_scale is not None else p
+            do = d_out[:, :, :, q0:q1]  # (B, Hkv, G, C, Dv)
+            qc = q[:, :, :, q0:q1].to(acc)
+            if _dense_chunk(take, n):
+                w = torch.zeros(b, hkv, g, c, n, dtype=acc, device=q.device).scatter_(-1, pos, pw)  # (B, Hkv, G, C, L)
+                dvv[:, :, lo:hi] += w.reshape(b, hkv, g * c, n).transpose(-1, -2) @ do.reshape(b, hkv, g * c, dv)
+                dpw = (do.reshape(b, hkv, g * c, dv) @ v32[:, :, lo:hi].transpose(-1, -2)).view(b, hkv, g, c, n)
+                dpw = dpw.gather(-1, pos)
+            else:
+                v_sel = _gather_rows(v32[:, :, lo:hi], pos)  # (B, Hkv, G, C, take, Dv)
+                dpw = (v_sel @ do.unsqueeze(-1)).squeeze(-1)  # (B, Hkv, G, C, take)
+                _scatter_rows(dvv, pos + lo, pw.unsqueeze(-1) * do.unsqueeze(-2))
+            dp = dpw * keep_scale if keep_scale is not None else dpw
+            ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward
+            if softcap is not None:
+                ds = ds * (1 - (s_all[:, :, :, q0:q1, :take] / softcap) ** 2)
+            ds = ds * scale
+            if _dense_chunk(take, n):
+                dsf = torch.zeros(b, hkv, g, c, n, dtype=acc, device=q.device).scatter_(-1, pos, ds).reshape(b, hkv, g * c, n)
+                dq[:, :, :, q0:q1] = (dsf @ k32[:, :, lo:hi]).view(b, hkv, g, c, d)
+                dk[:, :, lo:hi] += dsf.transpose(-1, -2) @ qc.reshape(b, hkv, g * c, d)
+            else:
+                k_sel = _gather_rows(k32[:, :, lo:hi], pos)  # (B, Hkv, G, C, take, D)
+                dq[:, :, :, q0:q1] = (ds.unsqueeze(-2) @ k_sel).squeeze(-2)
+                _scatter_rows(dk, pos + lo, ds.unsqueeze(-1) * qc.unsqueeze(-2))
+        return (dq.to(q.dtype), dk.to(key.dtype), dvv.to(value.dtype)) + (None,) * 10
+
+
+def _dense_chunk(take: int, n: int) -> bool:
+    """Whether a chunk is cheaper as a masked dense matmul than as a gather of its selected rows."""
+    return 4 * take >= n
+
+
+def _gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x (B, Hkv, L, E), pos (B, Hkv, G, C, t) -> (B, Hkv, G, C, t, E)."""
+    b, hkv, n, e = x.shape
+    flat = pos + (torch.arange(b * hkv, device=x.device) * n).view(b, hkv, 1, 1, 1)  # (B, Hkv, G, C, t)
+    return x.reshape(b * hkv * n, e).index_select(0, flat.reshape(-1)).view(*pos.shape, e)
+
+
+def _scatter_rows(dst: torch.Tensor, pos: torch.Tensor, src: torch.Tensor) -> None:
+    """dst (B, Hkv, Lk, E) += src (B, Hkv, G, C, t, E) summed into rows pos (B, Hkv, G, C, t)."""
+    b, hkv, n, e = dst.shape
+    flat = pos + (torch.arange(b * hkv, device=dst.device) * n).view(b, hkv, 1, 1, 1)
+    dst.view(b * hkv * n, e).index_add_(0, flat.reshape(-1), src.reshape(-1, e))
+
+
+def _apply_weights(w: torch.Tensor, pos: torch.Tensor, value: torch.Tensor, n: int) -> torch.Tensor:
+    """Weights w (B, Hkv, G, C, t) at key positions pos, values (B, Hkv, L, Dv) -> (B, Hkv, G, C, Dv)."""
+    b, hkv, g, c, t = w.shape
+    if _dense_chunk(t, n):
+        dense = torch.zeros(b, hkv, g, c, n, dtype=w.dtype, device=w.device).scatter_(-1, pos, w)
+        return (dense.reshape(b, hkv, g * c, n) @ value).view(b, hkv, g, c, -1)
+    return (w.unsqueeze(-2) @ _gather_rows(value, pos)).squeeze(-2)
+
+
+def topk_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    k: int,
+    scale: float | None = None,
+    is_causal: bool = True,
+    sink_tokens: int = 0,
+    local_window: int = 0,
+    softcap: float | None = None,
+    dropout: float = 0.0,
+    chunk_size: int = 512,
+    generator: torch.Generator | None = None,
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact kNN attention.
+
+    Shapes: query (B, Hq, Lq, D); key (B, Hkv, Lk, D); value (B, Hkv, Lk, Dv); Hq a multiple of Hkv
+    (GQA is computed per KV head, K/V are never repeated). `attention_mask` is a boolean mask
+    broadcastable to (B, Hq, Lq, Lk), True meaning the key may be seen. With no mask and
+    `is_causal`, query i sees keys j <= i + Lk - Lq (aligned to the bottom right, as in decoding):
+
+        Lq=3, Lk=5:   x x x . .
+                      x x x x .
+                      x x x x x
+
+    Each query keeps the `sink_tokens` first visible keys, the `local_window` keys ending at its
+    own position, and its `k` visible keys of largest scaled score (softcapped if `softcap`):
+    exactly min(k, visible) beyond the forced ones, never more. Ties between equal fp32 scores are
+    broken by `torch.topk`'s fixed order, so results are reproducible. A query that may see no key
+    (a fully padded row) gets zero output and zero weights, never NaN.
+
+    Returns the output (B, Hq, Lq, Dv) in the query's dtype and, with `return_weights`, the dense
+    weights (B, Hq, Lq, Lk) (O(Lq * Lk) memory: for inspection only).
+    """
+    b, hq, lq, d = query.shape
+    hkv = key.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}).")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    g = hq // hkv
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool:
+            raise ValueError("topk_attention takes a boolean attention_mask (True = keep).")
+        if attention_mask.dim() != 4:
+            raise ValueError(f"attention_mask must be 4-D (B, 1|Hq, Lq, Lk), got {tuple(attention_mask.shape)}.")
+        mb, mh = attention_mask.shape[:2]
+        attention_mask = attention_mask.expand(mb, mh, lq, key.shape[2])  # a view: nothing is copied
+        # (B|1, 1|Hq, Lq, Lk) -> (B|1, 1|Hkv, 1|G, Lq, Lk), matching the grouped query layout
+        attention_mask = attention_mask.unsqueeze(1) if mh == 1 else attention_mask.unflatten(1, (hkv, g))
+    scale = d**-0.5 if scale is None else scale
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        q = query.view(b, hkv, g, lq, d)  # (B, Hq, Lq, D) -> (B, Hkv, G, Lq, D): heads of one KV group together
+        out, idx, p = _TopKAttention.apply(
+            q, key, value, attention_mask, k, float(scale), softcap, is_causal, sink_tokens, local_window,
+            float(dropout), chunk_size, generator,
+        )
+    out = out.view(b, hq, lq, -1).to(query.dtype)  # (B, Hkv, G, Lq, Dv) -> (B, Hq, Lq, Dv)
+    if not return_weights:
+        return out, None
+    weights = torch.zeros(b, hkv, g, lq, key.shape[2], dtype=p.dtype, device=query.device)
+    weights.scatter_add_(-1, idx, p)
+    return out, weights.view(b, hq, lq, -1)

@@ -1,0 +1,181 @@
+"""Patch a transformers model's attention into kNN attention, in place, and undo it.
+
+`patch` selects a registered `knn_<backend>` attention implementation through transformers'
+`AttentionInterface` (and its mask through `AttentionMaskInterface`), and marks each attention
+module with its layer's settings. Layers left out, and calls kNN cannot serve, run the model's
+previous implementation. `unpatch` restores that implementation exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.utils import logging
+
+from .config import KNNConfig
+from .registry import get_backend, install
+
+logger = logging.get_logger("knn_patch")
+
+CONFIG_KEY = "knn_attention"
+
+# Families checked in this project's tests; any other family whose attention modules dispatch
+# through transformers' AttentionInterface works the same way.
+TESTED_FAMILIES = (
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "gemma2", "gemma3_text",
+    "olmo2", "starcoder2",
+)
+
+
+class UnsupportedModelError(TypeError):
+    """The model's attention does not dispatch through transformers' AttentionInterface."""
+
+
+_DISPATCHES: dict[type, bool] = {}
+
+
+def _dispatches_through_interface(cls: type) -> bool:
+    """Whether an attention class's forward looks its function up in ALL_ATTENTION_FUNCTIONS."""
+    if cls not in _DISPATCHES:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _DISPATCHES[cls] = "ALL_ATTENTION_FUNCTIONS" in source
+    return _DISPATCHES[cls]
+
+
+def attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, module) for every attention module that dispatches through the interface."""
+    found = [m for m in model.modules() if _dispatches_through_interface(type(m))]
+    return [(getattr(m, "layer_idx", None) if getattr(m, "layer_idx", None) is not None else i, m)
+            for i, m in enumerate(found)]
+
+
+def _eager_with_additive_mask(eager, module, query, key, value, attention_mask, **kwargs):
+    """Run a modeling file's `eager_attention_forward` on the boolean mask the kNN name builds:
+    eager adds its mask to the scores, so it needs the additive float form (None = causal)."""
+    lq, lk = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        attention_mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq)[None, None]
+    additive = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+    additive = additive.masked_fill(~attention_mask, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, additive, **kwargs)
+
+
+def _fallback(module: torch.nn.Module, previous: str):
+    """The function dense calls run: the model's previous implementation when it reads sdpa-style
+    boolean masks (sdpa, or eager with the mask converted), else SDPA."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if previous == "eager" and eager is not None:
+        return functools.partial(_eager_with_additive_mask, eager)
+    return sdpa_attention_forward
+
+
+def _check_model(model: Any) -> list[tuple[int, torch.nn.Module]]:
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"knn_patch expects a transformers PreTrainedModel (e.g. from AutoModelForCausalLM), "
+            f"got {type(model).__name__}."
+        )
+    modules = attention_modules(model)
+    if not modules or not model._can_set_attn_implementation():
+        family = getattr(model.config, "model_type", type(model).__name__)
+        raise UnsupportedModelError(
+            f"Model family {family!r} ({type(model).__name__}) does not dispatch its attention through "
+            f"transformers' AttentionInterface, so it cannot be patched. Supported: any family that does, "
+            f"tested on {', '.join(TESTED_FAMILIES)}."
+        )
+    return modules
+
+
+def patch(model: PreTrainedModel, config: KNNConfig | None = None, /, **overrides: Any) -> PreTrainedModel:
+    """Make `model`'s attention kNN attention, **in place**, and return it.
+
+    `config` (or `KNNConfig(**overrides)`, or `config` with `overrides` applied) decides k, the
+    backend and the layers; `knn_patch.unpatch` reverses it. Patching a patched model replaces
+    its kNN config; `unpatch` still restores the implementation from before the first patch.
+    """
+    config = KNNConfig(**overrides) if config is None else config.replace(**overrides) if overrides else config
+    if not isinstance(config, KNNConfig):
+        raise TypeError(f"config must be a KNNConfig, got {type(config).__name__}.")
+    modules = _check_model(model)
+    n_layers = max(i for i, _ in modules) + 1
+    if config.layers is not None and max(config.layers) >= n_layers:
+        raise ValueError(f"KNNConfig.layers={list(config.layers)} is out of range: this model has "
+                         f"layers 0..{n_layers - 1}.")
+    previous = getattr(model, "_knn_previous_attn", None) or model.config._attn_implementation or "sdpa"
+    if previous not in ("sdpa", "eager"):
+        logger.warning_once(f"knn_patch: while patched, dense layers run SDPA instead of {previous!r}; "
+                            "unpatch restores it.")
+    name = install(get_backend(config.backend))
+    for layer_idx, module in modules:
+        module._knn_state = (config if config.uses_layer(layer_idx) else None, _fallback(module, previous))
+    model.set_attn_implementation(name)
+    model._knn_previous_attn = previous
+    model._knn_config = config
+    model.config.knn_attention = config.to_dict()
+    return model
+
+
+def unpatch(model: PreTrainedModel) -> PreTrainedModel:
+    """Restore the attention implementation `patch` replaced, in place; drops the saved kNN config."""
+    if not is_patched(model):
+        raise ValueError("This model is not patched by knn_patch; nothing to unpatch.")
+    for _, module in attention_modules(model):
+        if hasattr(module, "_knn_state"):
+            del module._knn_state
+    model.set_attn_implementation(model._knn_previous_attn)
+    del model._knn_previous_attn, model._knn_config
+    if hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
+    return model
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return getattr(model, "_knn_config", None) is not None
+
+
+def get_config(model: torch.nn.Module) -> KNNConfig | None:
+    """The model's active KNNConfig, or None when it is not patched."""
+    return getattr(model, "_knn_config", None)
+
+
+@contextlib.contextmanager
+def patched(model: PreTrainedModel, config: KNNConfig | None = None, /, **overrides: Any) -> Iterator[PreTrainedModel]:
+    """Temporarily patch `model`; on exit restore exactly the state before (dense, or its old kNN config)."""
+    before = get_config(model)
+    patch(model, config, **overrides)
+    try:
+        yield model
+    finally:
+        if before is None:
+            unpatch(model)
+        else:
+            patch(model, before)
+
+
+def from_pretrained(path_or_id: str, config: KNNConfig | None = None, **kwargs: Any) -> PreTrainedModel:
+    """Load a causal LM and re-patch it from the `knn_attention` entry of its config.json.
+
+    `config` overrides the saved settings (or patches a model saved without them). kwargs go to
+    `knn_patch.load_model` (dtype, device_map, ...). A plain transformers load of the same folder
+    gives the dense model: the `knn_attention` entry is kept on its config but does nothing.
+    """
+    from .loading import load_model
+
+    model = load_model(path_or_id, **kwargs)
+    saved = getattr(model.config, CONFIG_KEY, None)
+    if config is None and saved is not None:
+        config = KNNConfig.from_dict(saved)
+    if config is not None:
+        patch(model, config)
+    return model
