@@ -1,0 +1,40 @@
+"""knn_patch: kNN attention for pretrained HuggingFace causal LMs, patched in one call.
+
+    import knn_patch
+    model, tokenizer = knn_patch.load_default()   # embedded SmolLM2-135M-Instruct, offline
+    knn_patch.patch(model, k=32)                  # in place: every attention layer is kNN
+    knn_patch.unpatch(model)                      # back to the model's own attention
+"""
+
+__version__ = "0.1.0"
+
+from .config import KNNConfig, resolve_k  # noqa: E402
+from .loading import HubUnavailableError, load_default, load_model, load_tokenizer  # noqa: E402
+from .patcher import (  # noqa: E402
+    UnsupportedModelError,
+    from_pretrained,
+    get_config,
+    is_patched,
+    patch,
+    patched,
+    unpatch,
+)
+from .registry import available_backends, register_backend  # noqa: E402
+
+__all__ = [
+    "HubUnavailableError",
+    "KNNConfig",
+    "UnsupportedModelError",
+    "available_backends",
+    "from_pretrained",
+    "get_config",
+    "is_patched",
+    "load_default",
+    "load_model",
+    "load_tokenizer",
+    "patch",
+    "patched",
+    "register_backend",
+    "resolve_k",
+    "unpatch",
+]

@@ -1,0 +1,86 @@
+"""KNNConfig: validation names the field, rules of n resolve as documented, and it round-trips."""
+
+import copy
+import dataclasses
+import math
+import pickle
+
+import pytest
+
+from knn_patch import KNNConfig, resolve_k
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"k": 0}, "k"),
+        ({"k": -3}, "k"),
+        ({"k": "cube"}, "k"),
+        ({"k": "n^1.5"}, "k"),
+        ({"k": 2.5}, "k"),
+        ({"k": True}, "k"),
+        ({"backend": "nope"}, "backend"),
+        ({"layers": [-1]}, "layers"),
+        ({"layers": []}, "layers"),
+        ({"layers": 3}, "layers"),
+        ({"sink_tokens": -1}, "sink_tokens"),
+        ({"local_window": 1.5}, "local_window"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"backend_options": {"m": 3}}, "backend_options"),
+    ],
+)
+def test_bad_values_raise_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        KNNConfig(**kwargs)
+
+
+def test_unknown_backend_lists_available_ones():
+    with pytest.raises(ValueError, match="topk"):
+        KNNConfig(backend="cube")
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "expected"),
+    [
+        (32, 1000, 32),
+        ("sqrt", 1000, math.ceil(math.sqrt(1000))),
+        ("sqrt", 1024, 32),
+        ("log", 1024, 10),
+        ("log", 1000, 10),
+        ("n^0.125", 2048, math.ceil(2048**0.125)),
+        ("n^0.5", 4096, 64),
+        ("n^1", 77, 77),
+        ("sqrt", 1, 1),
+        ("log", 1, 1),
+    ],
+)
+def test_resolve_k(k, n, expected):
+    assert resolve_k(KNNConfig(k=k).k, n) == expected
+    assert KNNConfig(k=k).resolve_k(n) == expected
+
+
+def test_layers_accept_ranges_lists_and_all():
+    assert KNNConfig(layers=range(3)).layers == (0, 1, 2)
+    assert KNNConfig(layers=[4, 1, 1]).layers == (1, 4)
+    assert KNNConfig(layers="all").layers is None
+    assert KNNConfig(layers=[2]).uses_layer(2) and not KNNConfig(layers=[2]).uses_layer(0)
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        KNNConfig().k = 5
+
+
+def test_round_trips():
+    config = KNNConfig(k="sqrt", layers=[0, 2], sink_tokens=4, local_window=16, chunk_size=64)
+    saved = config.to_dict()
+    assert "chunk_size" not in saved, "run-time settings are not saved"
+    assert saved["knn_patch_version"]
+    assert KNNConfig.from_dict(saved) == config.replace(chunk_size=KNNConfig().chunk_size)
+    assert copy.deepcopy(config) == config
+    assert pickle.loads(pickle.dumps(config)) == config
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="nearest"):
+        KNNConfig.from_dict({"k": 4, "nearest": 3})

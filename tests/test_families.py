@@ -1,0 +1,67 @@
+"""At k >= n, kNN attention equals the dense model in every family: logits, gradients, generate()."""
+
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_model
+
+import knn_patch
+
+
+def batch(seed=0, length=24, pad=6):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (2, length), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0  # left padding, as generate() batches are padded
+    ids[1, :pad] = 0
+    return ids, mask
+
+
+def logits_and_grads(model, ids, mask):
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    loss = torch.nn.functional.cross_entropy(out[keep][:-1], ids[keep][1:])
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach()[keep], grads
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("pad", [0, 6], ids=["unpadded", "left_padded"])
+def test_k_at_least_n_matches_dense_logits_and_gradients(family, pad):
+    model = tiny_model(family)
+    ids, mask = batch(pad=pad)
+    dense_logits, dense_grads = logits_and_grads(model, ids, mask)
+    knn_patch.patch(model, k=ids.shape[1])
+    assert model.config._attn_implementation == "knn_topk"
+    logits, grads = logits_and_grads(model, ids, mask)
+    torch.testing.assert_close(logits, dense_logits, rtol=0, atol=1e-5)
+    assert grads.keys() == dense_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], dense_grads[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_generate_matches_dense_and_small_k_changes_logits(family):
+    model = tiny_model(family)
+    ids, mask = batch(length=10, pad=3)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    dense = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    dense_logits = model(input_ids=ids, attention_mask=mask).logits
+    with knn_patch.patched(model, k=64):
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **settings), dense)
+    with knn_patch.patched(model, k=2):
+        small = model(input_ids=ids, attention_mask=mask).logits
+        model.generate(input_ids=ids, attention_mask=mask, **settings)  # decode steps: Lq=1, long cache
+    assert not torch.allclose(small, dense_logits, atol=1e-3), "k=2 must really cut attention"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mistral"])
+def test_attention_weights_keep_exactly_min_k_visible(family):
+    model = knn_patch.patch(tiny_model(family), k=3)
+    ids, mask = batch(length=16, pad=5)
+    attentions = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    for weights in attentions:  # (B, H, Lq, Lk)
+        kept = (weights > 0).sum(-1)
+        assert kept.max() == 3
+        assert (kept[0, :, 2:] == 3).all() and (kept[1, :, :5] == 0).all() and (kept[1, :, 7:] == 3).all()

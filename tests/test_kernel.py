@@ -1,0 +1,197 @@
+"""The top-k kernel against a brute-force reference written plainly here, and against SDPA."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from knn_patch.kernels.topk import topk_attention
+
+
+def reference(q, k, v, mask=None, *, kk, scale, causal=True, sinks=0, window=0, softcap=None):
+    """Loop over every (batch, head, query): keep the forced keys, then the kk best other visible keys."""
+    b, hq, lq, _ = q.shape
+    lk, g = k.shape[2], hq // k.shape[1]
+    out = torch.zeros(b, hq, lq, v.shape[-1], dtype=q.dtype)
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(lq):
+                qpos = i + lk - lq
+                if mask is not None:
+                    visible = mask[bi if mask.shape[0] > 1 else 0, h if mask.shape[1] > 1 else 0, i]
+                else:
+                    visible = torch.arange(lk) <= qpos if causal else torch.ones(lk, dtype=torch.bool)
+                cols = visible.nonzero().flatten().tolist()
+                if not cols:
+                    continue
+                forced = set(cols[:sinks]) | {j for j in cols if qpos - window < j <= qpos}
+                s = (k[bi, h // g] @ q[bi, h, i]) * scale
+                if softcap is not None:
+                    s = torch.tanh(s / softcap) * softcap
+                rest = sorted((j for j in cols if j not in forced), key=lambda j: -s[j].item())
+                keep = sorted(forced) + rest[:kk]
+                p = torch.softmax(s[keep], -1)
+                out[bi, h, i] = p @ v[bi, h // g, keep]
+    return out
+
+
+def inputs(b=2, hq=4, hkv=2, lq=40, lk=40, d=8, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=gen, dtype=dtype).requires_grad_()
+    k = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype).requires_grad_()
+    v = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype).requires_grad_()
+    return q, k, v
+
+
+def padding_mask(b, lq, lk, pads, window=None):
+    """Boolean (B, 1, Lq, Lk) causal mask with `pads[i]` left-padded keys in row i (and a window)."""
+    qpos = torch.arange(lq)[:, None] + lk - lq
+    kpos = torch.arange(lk)[None]
+    m = (kpos <= qpos) if window is None else (kpos <= qpos) & (kpos > qpos - window)
+    m = m.expand(b, 1, lq, lk).clone()
+    for i, p in enumerate(pads):
+        m[i, :, :, :p] = False
+    return m
+
+
+CASES = {
+    "short": dict(lq=40, lk=40, kk=5, chunk=8),
+    "two_stage_select": dict(lq=300, lk=300, kk=3, chunk=64),
+    "dense_chunk": dict(lq=64, lk=64, kk=24, chunk=16),
+    "decode_step": dict(lq=1, lk=70, kk=6, chunk=512),
+    "cached_prefix": dict(lq=10, lk=50, kk=4, chunk=3),
+    "mha": dict(lq=33, lk=33, kk=4, chunk=512, hkv=4),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("masking", ["causal", "padded", "window"])
+def test_matches_reference_output_and_gradients(case, masking):
+    c = CASES[case]
+    q, k, v = inputs(lq=c["lq"], lk=c["lk"], hkv=c.get("hkv", 2))
+    mask = None
+    if masking == "padded":
+        mask = padding_mask(2, c["lq"], c["lk"], [0, 7])
+    elif masking == "window":
+        mask = padding_mask(2, c["lq"], c["lk"], [3, 0], window=9)
+    out, _ = topk_attention(q, k, v, mask, k=c["kk"], scale=0.4, chunk_size=c["chunk"])
+    ref = reference(q, k, v, mask, kk=c["kk"], scale=0.4)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    weight = torch.randn_like(ref)
+    got = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("opts", [dict(sinks=2, window=0), dict(sinks=0, window=5), dict(sinks=3, window=4)])
+def test_sinks_and_local_window_are_kept_on_top_of_k(opts):
+    q, k, v = inputs(lq=60, lk=60)
+    mask = padding_mask(2, 60, 60, [0, 6])
+    out, w = topk_attention(q, k, v, mask, k=4, scale=0.4, sink_tokens=opts["sinks"],
+                            local_window=opts["window"], chunk_size=16, return_weights=True)
+    ref = reference(q, k, v, mask, kk=4, scale=0.4, sinks=opts["sinks"], window=opts["window"])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    # the first real token of the padded row is a sink for every later query
+    if opts["sinks"]:
+        assert (w[1, :, 10:, 6] > 0).all() and (w[1, :, :, :6] == 0).all()
+
+
+def test_softcap_matches_reference():
+    q, k, v = inputs()
+    out, _ = topk_attention(q, k, v, k=5, scale=0.4, softcap=1.5, chunk_size=16)
+    ref = reference(q, k, v, kk=5, scale=0.4, softcap=1.5)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_each_query_keeps_exactly_min_k_visible():
+    q, k, v = inputs(lq=50, lk=50)
+    mask = padding_mask(2, 50, 50, [0, 11])
+    _, w = topk_attention(q, k, v, mask, k=7, scale=0.4, chunk_size=16, return_weights=True)
+    kept = (w > 0).sum(-1)  # (B, Hq, Lq)
+    visible = mask.sum(-1).expand_as(kept)
+    assert torch.equal(kept, visible.clamp(max=7))
+    torch.testing.assert_close(w.sum(-1)[visible > 0], torch.ones_like(w.sum(-1)[visible > 0]))
+
+
+def test_never_more_than_k_on_ties_and_reproducible():
+    q = torch.randn(1, 2, 30, 8)
+    k = torch.ones(1, 1, 30, 8)  # every score ties
+    v = torch.randn(1, 1, 30, 8)
+    _, w1 = topk_attention(q, k, v, k=4, chunk_size=7, return_weights=True)
+    _, w2 = topk_attention(q, k, v, k=4, chunk_size=7, return_weights=True)
+    assert ((w1 > 0).sum(-1) == torch.arange(1, 31).clamp(max=4)).all()
+    assert torch.equal(w1, w2)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 512])
+def test_chunk_size_does_not_change_the_result(chunk):
+    q, k, v = inputs(dtype=torch.float32, lq=64, lk=64)
+    ref, _ = topk_attention(q, k, v, k=6, chunk_size=64)
+    out, _ = topk_attention(q, k, v, k=6, chunk_size=chunk)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_k_at_least_n_equals_sdpa(padded):
+    q, k, v = inputs(dtype=torch.float32, lq=70, lk=70)
+    mask = padding_mask(2, 70, 70, [0, 9]) if padded else None
+    out, _ = topk_attention(q, k, v, mask, k=70, chunk_size=16)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    rows = slice(None) if mask is None else mask.any(-1, keepdim=True).expand_as(out)
+    torch.testing.assert_close(out[rows], ref[rows], rtol=0, atol=1e-5)
+    go = torch.autograd.grad(out[rows].sum(), (q, k, v))
+    gr = torch.autograd.grad(ref[rows].sum(), (q, k, v))
+    for a, b in zip(go, gr):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_gradcheck_float64():
+    q, k, v = inputs(b=1, hq=2, hkv=1, lq=9, lk=9, d=4)
+    mask = padding_mask(1, 9, 9, [2])
+
+    def f(q, k, v):
+        return topk_attention(q, k, v, mask, k=3, scale=0.7, softcap=2.0, sink_tokens=1, chunk_size=4)[0]
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_dropout_gradcheck_with_fixed_seed_and_scaling():
+    q, k, v = inputs(b=1, hq=2, hkv=1, lq=9, lk=9, d=4)
+
+    def f(q, k, v):
+        gen = torch.Generator().manual_seed(3)
+        return topk_attention(q, k, v, k=3, dropout=0.3, generator=gen, chunk_size=4)[0]
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    out, plain = f(q, k, v), topk_attention(q, k, v, k=3, chunk_size=4)[0]
+    assert not torch.allclose(out, plain), "dropout changes the output"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_has_no_nan_on_fully_padded_rows(dtype):
+    q, k, v = inputs(dtype=torch.float32, lq=32, lk=32)
+    mask = padding_mask(2, 32, 32, [0, 10])
+    mask[1, :, :10] = False  # padded queries see nothing at all
+    q, k, v = (t.detach().to(dtype) for t in (q, k, v))
+    ref, _ = topk_attention(q.float(), k.float(), v.float(), mask, k=5)  # same rounded inputs, fp32 output
+    out, _ = topk_attention(q, k, v, mask, k=5)
+    assert out.dtype == dtype and not out.isnan().any()
+    assert (out[1, :, :10] == 0).all()
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=2 * torch.finfo(dtype).eps * ref.abs().max())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, _ = topk_attention(q.float(), k.float(), v.float(), mask, k=5)
+    assert auto.dtype == torch.float32, "scores are computed with autocast off"
+
+
+def test_bad_shapes_and_masks_are_rejected():
+    q, k, v = inputs(hq=3, hkv=2)
+    with pytest.raises(ValueError, match="multiple"):
+        topk_attention(q, k, v, k=2)
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match="boolean"):
+        topk_attention(q, k, v, torch.zeros(2, 1, 40, 40), k=2)
+    with pytest.raises(ValueError, match="k must be"):
+        topk_attention(q, k, v, k=0)
+    assert math.isfinite(topk_attention(q, k, v, k=1)[0].sum().item())
