@@ -8,9 +8,9 @@
 
 __version__ = "0.1.0"
 
-from .config import KNNConfig, resolve_k  # noqa: E402
-from .loading import HubUnavailableError, load_default, load_model, load_tokenizer  # noqa: E402
-from .patcher import (  # noqa: E402
+from .config import KNNConfig, resolve_k
+from .loading import HubUnavailableError, load_default, load_model, load_tokenizer
+from .patcher import (
     UnsupportedModelError,
     from_pretrained,
     get_config,
@@ -19,7 +19,7 @@ from .patcher import (  # noqa: E402
     patched,
     unpatch,
 )
-from .registry import available_backends, register_backend  # noqa: E402
+from .registry import available_backends, register_backend
 
 __all__ = [
     "HubUnavailableError",

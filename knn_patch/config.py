@@ -66,7 +66,7 @@ def _validate_layers(value: Any) -> tuple[int, ...] | None:
         return None
     if isinstance(value, (int, str)) or not isinstance(value, Iterable):
         raise ValueError(
-            f"KNNConfig.layers={value!r} is invalid: use 'all' (or None), a list of layer indices, or a range."
+            f"KNNConfig.layers={value!r} is invalid: use 'all' (or None), a list of layer indices or a range."
         )
     layers = tuple(value)
     if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
@@ -104,7 +104,9 @@ class KNNConfig:
     )
     local_window: int = field(
         default=0,
-        metadata={"help": "The keys just before each query (itself included), always kept on top of the k nearest."},
+        metadata={
+            "help": "The keys just before each query (itself included), always kept on top of the k nearest."
+        },
     )
     backend_options: Mapping[str, Any] = field(
         default_factory=dict,
@@ -112,7 +114,10 @@ class KNNConfig:
     )
     chunk_size: int = field(
         default=512,
-        metadata={"help": "Queries per kernel chunk; bounds memory. Run-time only, not saved.", "runtime": True},
+        metadata={
+            "help": "Queries per kernel chunk; bounds memory. Run-time only, not saved.",
+            "runtime": True,
+        },
     )
 
     def __post_init__(self) -> None:

@@ -30,8 +30,18 @@ CONFIG_KEY = "knn_attention"
 # Families checked in this project's tests; any other family whose attention modules dispatch
 # through transformers' AttentionInterface works the same way.
 TESTED_FAMILIES = (
-    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "gemma2", "gemma3_text",
-    "olmo2", "starcoder2",
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gpt2",
+    "gpt_neox",
+    "phi3",
+    "gemma2",
+    "gemma3_text",
+    "olmo2",
+    "starcoder2",
 )
 
 
@@ -56,8 +66,10 @@ def _dispatches_through_interface(cls: type) -> bool:
 def attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     """(layer index, module) for every attention module that dispatches through the interface."""
     found = [m for m in model.modules() if _dispatches_through_interface(type(m))]
-    return [(getattr(m, "layer_idx", None) if getattr(m, "layer_idx", None) is not None else i, m)
-            for i, m in enumerate(found)]
+    return [
+        (getattr(m, "layer_idx", None) if getattr(m, "layer_idx", None) is not None else i, m)
+        for i, m in enumerate(found)
+    ]
 
 
 def _eager_with_additive_mask(eager, module, query, key, value, attention_mask, **kwargs):
@@ -104,18 +116,23 @@ def patch(model: PreTrainedModel, config: KNNConfig | None = None, /, **override
     backend and the layers; `knn_patch.unpatch` reverses it. Patching a patched model replaces
     its kNN config; `unpatch` still restores the implementation from before the first patch.
     """
-    config = KNNConfig(**overrides) if config is None else config.replace(**overrides) if overrides else config
+    config = (
+        KNNConfig(**overrides) if config is None else config.replace(**overrides) if overrides else config
+    )
     if not isinstance(config, KNNConfig):
         raise TypeError(f"config must be a KNNConfig, got {type(config).__name__}.")
     modules = _check_model(model)
     n_layers = max(i for i, _ in modules) + 1
     if config.layers is not None and max(config.layers) >= n_layers:
-        raise ValueError(f"KNNConfig.layers={list(config.layers)} is out of range: this model has "
-                         f"layers 0..{n_layers - 1}.")
+        raise ValueError(
+            f"KNNConfig.layers={list(config.layers)} is out of range: this model has "
+            f"layers 0..{n_layers - 1}."
+        )
     previous = getattr(model, "_knn_previous_attn", None) or model.config._attn_implementation or "sdpa"
     if previous not in ("sdpa", "eager"):
-        logger.warning_once(f"knn_patch: while patched, dense layers run SDPA instead of {previous!r}; "
-                            "unpatch restores it.")
+        logger.warning_once(
+            f"knn_patch: while patched, dense layers run SDPA instead of {previous!r}; unpatch restores it."
+        )
     name = install(get_backend(config.backend))
     for layer_idx, module in modules:
         module._knn_state = (config if config.uses_layer(layer_idx) else None, _fallback(module, previous))
@@ -150,7 +167,9 @@ def get_config(model: torch.nn.Module) -> KNNConfig | None:
 
 
 @contextlib.contextmanager
-def patched(model: PreTrainedModel, config: KNNConfig | None = None, /, **overrides: Any) -> Iterator[PreTrainedModel]:
+def patched(
+    model: PreTrainedModel, config: KNNConfig | None = None, /, **overrides: Any
+) -> Iterator[PreTrainedModel]:
     """Temporarily patch `model`; on exit restore exactly the state before (dense, or its old kNN config)."""
     before = get_config(model)
     patch(model, config, **overrides)

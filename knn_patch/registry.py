@@ -60,7 +60,9 @@ def get_backend(name: str) -> Backend:
     if name not in _BACKENDS and name in _BUILTIN:
         importlib.import_module(_BUILTIN[name])  # the module registers itself
     if name not in _BACKENDS:
-        raise ValueError(f"KNNConfig.backend={name!r} is unknown; available backends: {available_backends()}.")
+        raise ValueError(
+            f"KNNConfig.backend={name!r} is unknown; available backends: {available_backends()}."
+        )
     return _BACKENDS[name]
 
 
@@ -71,7 +73,9 @@ def available_backends() -> list[str]:
 def validate_backend(name: str, options: Mapping[str, Any]) -> None:
     """Raise ValueError naming the field for an unknown backend or options it rejects."""
     if not isinstance(name, str):
-        raise ValueError(f"KNNConfig.backend={name!r} is invalid; available backends: {available_backends()}.")
+        raise ValueError(
+            f"KNNConfig.backend={name!r} is invalid; available backends: {available_backends()}."
+        )
     backend = get_backend(name)
     if backend.validate_options is not None:
         backend.validate_options(options)
@@ -111,10 +115,19 @@ def _dispatcher(backend: Backend) -> AttentionFn:
             reason = _unservable(attention_mask, kwargs)
             if reason is None:
                 return backend.forward(
-                    module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                    knn_config=config, **kwargs,
+                    module,
+                    query,
+                    key,
+                    value,
+                    attention_mask,
+                    scaling=scaling,
+                    dropout=dropout,
+                    knn_config=config,
+                    **kwargs,
                 )
-            logger.warning_once(f"knn_patch: {reason} cannot be served by kNN attention; those calls run dense.")
+            logger.warning_once(
+                f"knn_patch: {reason} cannot be served by kNN attention; those calls run dense."
+            )
         return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     attention.__name__ = f"{backend.attn_implementation}_attention_forward"

@@ -81,7 +81,7 @@ def test_matches_reference_output_and_gradients(case, masking):
     weight = torch.randn_like(ref)
     got = torch.autograd.grad((out * weight).sum(), (q, k, v))
     want = torch.autograd.grad((ref * weight).sum(), (q, k, v))
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
@@ -89,8 +89,18 @@ def test_matches_reference_output_and_gradients(case, masking):
 def test_sinks_and_local_window_are_kept_on_top_of_k(opts):
     q, k, v = inputs(lq=60, lk=60)
     mask = padding_mask(2, 60, 60, [0, 6])
-    out, w = topk_attention(q, k, v, mask, k=4, scale=0.4, sink_tokens=opts["sinks"],
-                            local_window=opts["window"], chunk_size=16, return_weights=True)
+    out, w = topk_attention(
+        q,
+        k,
+        v,
+        mask,
+        k=4,
+        scale=0.4,
+        sink_tokens=opts["sinks"],
+        local_window=opts["window"],
+        chunk_size=16,
+        return_weights=True,
+    )
     ref = reference(q, k, v, mask, kk=4, scale=0.4, sinks=opts["sinks"], window=opts["window"])
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     # the first real token of the padded row is a sink for every later query
@@ -143,7 +153,7 @@ def test_k_at_least_n_equals_sdpa(padded):
     torch.testing.assert_close(out[rows], ref[rows], rtol=0, atol=1e-5)
     go = torch.autograd.grad(out[rows].sum(), (q, k, v))
     gr = torch.autograd.grad(ref[rows].sum(), (q, k, v))
-    for a, b in zip(go, gr):
+    for a, b in zip(go, gr, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 

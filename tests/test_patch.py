@@ -1,4 +1,4 @@
-"""Patch lifecycle: unpatch restores, layers are selected, configs survive save/reload, bad input fails early."""
+"""Patch lifecycle: unpatch restores, layers are selected, configs survive reload, bad input fails early."""
 
 import pytest
 import torch
@@ -108,7 +108,10 @@ def test_layer_out_of_range():
         ("falcon", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4)),
         ("bloom", dict(hidden_size=32, n_layer=1, n_head=4)),
         ("mpt", dict(d_model=32, n_layers=1, n_heads=4)),
-        ("gpt_neo", dict(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]])),
+        (
+            "gpt_neo",
+            dict(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]]),
+        ),
         ("mamba", dict(hidden_size=32, num_hidden_layers=1)),
     ],
 )

@@ -24,7 +24,9 @@ import torch
 _GATHER_BUDGET = 1 << 25
 
 
-def _key_range(mask: torch.Tensor | None, causal: bool, q0: int, q1: int, lq: int, lk: int) -> tuple[int, int]:
+def _key_range(
+    mask: torch.Tensor | None, causal: bool, q0: int, q1: int, lq: int, lk: int
+) -> tuple[int, int]:
     """The smallest [lo, hi) holding every key some query in [q0, q1) may see."""
     if mask is not None:
         cols = mask[..., q0:q1, :].reshape(-1, mask.shape[-1]).any(0).nonzero()  # (nnz, 1)
@@ -45,7 +47,14 @@ def _chunk_scores(q: torch.Tensor, key: torch.Tensor, scale: float, softcap: flo
 
 
 def _visible(
-    mask: torch.Tensor | None, causal: bool, q0: int, q1: int, lo: int, hi: int, lq: int, lk: int,
+    mask: torch.Tensor | None,
+    causal: bool,
+    q0: int,
+    q1: int,
+    lo: int,
+    hi: int,
+    lq: int,
+    lk: int,
     device: torch.device,
 ) -> torch.Tensor | None:
     """Boolean (B|1, 1|Hkv, 1|G, C, L) of the keys each query may see, or None when it sees all."""
@@ -59,8 +68,17 @@ def _visible(
 
 
 def _forced(
-    visible: torch.Tensor | None, shape: tuple[int, ...], q0: int, q1: int, lo: int, hi: int, lq: int,
-    lk: int, sink_tokens: int, local_window: int, device: torch.device,
+    visible: torch.Tensor | None,
+    shape: tuple[int, ...],
+    q0: int,
+    q1: int,
+    lo: int,
+    hi: int,
+    lq: int,
+    lk: int,
+    sink_tokens: int,
+    local_window: int,
+    device: torch.device,
 ) -> torch.Tensor:
     """Boolean mask of the always-kept keys: the first `sink_tokens` visible keys and the
     `local_window` keys ending at each query's own position."""
@@ -117,8 +135,22 @@ class _TopKAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, key, value, mask, k, scale, softcap, causal, sink_tokens, local_window, dropout,
-                chunk_size, generator):
+    def forward(
+        ctx,
+        q,
+        key,
+        value,
+        mask,
+        k,
+        scale,
+        softcap,
+        causal,
+        sink_tokens,
+        local_window,
+        dropout,
+        chunk_size,
+        generator,
+    ):
         b, hkv, g, lq, d = q.shape
         lk, dv = key.shape[2], value.shape[-1]
         device = q.device
@@ -181,7 +213,7 @@ class _TopKAttention(torch.autograd.Function):
     def backward(ctx, d_out, _d_idx, _d_p):
         q, key, value, idx_all, p_all, drop_all, s_all = ctx.saved_tensors
         scale, softcap, dropout, _, ranges = ctx.meta
-        b, hkv, g, lq, d = q.shape
+        b, hkv, g, _, d = q.shape
         dv = value.shape[-1]
         acc = p_all.dtype
         k32, v32 = key.to(acc), value.to(acc)
@@ -202,9 +234,15 @@ class _TopKAttention(torch.autograd.Function):
             do = d_out[:, :, :, q0:q1]  # (B, Hkv, G, C, Dv)
             qc = q[:, :, :, q0:q1].to(acc)
             if _dense_chunk(take, n):
-                w = torch.zeros(b, hkv, g, c, n, dtype=acc, device=q.device).scatter_(-1, pos, pw)  # (B, Hkv, G, C, L)
-                dvv[:, :, lo:hi] += w.reshape(b, hkv, g * c, n).transpose(-1, -2) @ do.reshape(b, hkv, g * c, dv)
-                dpw = (do.reshape(b, hkv, g * c, dv) @ v32[:, :, lo:hi].transpose(-1, -2)).view(b, hkv, g, c, n)
+                w = torch.zeros(b, hkv, g, c, n, dtype=acc, device=q.device).scatter_(
+                    -1, pos, pw
+                )  # (B, Hkv, G, C, L)
+                dvv[:, :, lo:hi] += w.reshape(b, hkv, g * c, n).transpose(-1, -2) @ do.reshape(
+                    b, hkv, g * c, dv
+                )
+                dpw = (do.reshape(b, hkv, g * c, dv) @ v32[:, :, lo:hi].transpose(-1, -2)).view(
+                    b, hkv, g, c, n
+                )
                 dpw = dpw.gather(-1, pos)
             else:
                 v_sel = _gather_rows(v32[:, :, lo:hi], pos)  # (B, Hkv, G, C, take, Dv)
@@ -216,7 +254,11 @@ class _TopKAttention(torch.autograd.Function):
                 ds = ds * (1 - (s_all[:, :, :, q0:q1, :take] / softcap) ** 2)
             ds = ds * scale
             if _dense_chunk(take, n):
-                dsf = torch.zeros(b, hkv, g, c, n, dtype=acc, device=q.device).scatter_(-1, pos, ds).reshape(b, hkv, g * c, n)
+                dsf = (
+                    torch.zeros(b, hkv, g, c, n, dtype=acc, device=q.device)
+                    .scatter_(-1, pos, ds)
+                    .reshape(b, hkv, g * c, n)
+                )
                 dq[:, :, :, q0:q1] = (dsf @ k32[:, :, lo:hi]).view(b, hkv, g, c, d)
                 dk[:, :, lo:hi] += dsf.transpose(-1, -2) @ qc.reshape(b, hkv, g * c, d)
             else:
@@ -302,17 +344,32 @@ def topk_attention(
         if attention_mask.dtype != torch.bool:
             raise ValueError("topk_attention takes a boolean attention_mask (True = keep).")
         if attention_mask.dim() != 4:
-            raise ValueError(f"attention_mask must be 4-D (B, 1|Hq, Lq, Lk), got {tuple(attention_mask.shape)}.")
+            raise ValueError(
+                f"attention_mask must be 4-D (B, 1|Hq, Lq, Lk), got {tuple(attention_mask.shape)}."
+            )
         mb, mh = attention_mask.shape[:2]
         attention_mask = attention_mask.expand(mb, mh, lq, key.shape[2])  # a view: nothing is copied
         # (B|1, 1|Hq, Lq, Lk) -> (B|1, 1|Hkv, 1|G, Lq, Lk), matching the grouped query layout
         attention_mask = attention_mask.unsqueeze(1) if mh == 1 else attention_mask.unflatten(1, (hkv, g))
     scale = d**-0.5 if scale is None else scale
     with torch.autocast(device_type=query.device.type, enabled=False):
-        q = query.view(b, hkv, g, lq, d)  # (B, Hq, Lq, D) -> (B, Hkv, G, Lq, D): heads of one KV group together
+        q = query.view(
+            b, hkv, g, lq, d
+        )  # (B, Hq, Lq, D) -> (B, Hkv, G, Lq, D): heads of one KV group together
         out, idx, p = _TopKAttention.apply(
-            q, key, value, attention_mask, k, float(scale), softcap, is_causal, sink_tokens, local_window,
-            float(dropout), chunk_size, generator,
+            q,
+            key,
+            value,
+            attention_mask,
+            k,
+            float(scale),
+            softcap,
+            is_causal,
+            sink_tokens,
+            local_window,
+            float(dropout),
+            chunk_size,
+            generator,
         )
     out = out.view(b, hq, lq, -1).to(query.dtype)  # (B, Hkv, G, Lq, Dv) -> (B, Hq, Lq, Dv)
     if not return_weights:

@@ -1,0 +1,45 @@
+"""Sliding-window NLL: exact token counts, and equal to explicit per-token computations."""
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from knn_patch.perplexity import document_nll, windows
+
+
+@pytest.mark.parametrize(
+    ("n", "max_length", "stride"), [(10, 4, 4), (10, 4, 2), (10, 4, 3), (9, 4, 1), (3, 8, 8)]
+)
+def test_windows_score_each_token_at_most_once(n, max_length, stride):
+    scored = [t for _, end, first in windows(n, max_length, stride) for t in range(first, end)]
+    assert len(scored) == len(set(scored)) and 0 not in scored
+    expected = set(range(1, n)) if stride < max_length else {t for t in range(1, n) if t % max_length}
+    assert set(scored) == expected
+
+
+def test_stride_equal_to_max_length_sums_independent_chunks():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (23,), generator=torch.Generator().manual_seed(1))
+    nll, count = document_nll(model, ids, max_length=8, stride=8)
+    want, want_count = 0.0, 0
+    for start in range(0, 23, 8):
+        chunk = ids[start : start + 8].unsqueeze(0)
+        logits = model(input_ids=chunk).logits[0, :-1]
+        want += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
+        want_count += chunk.shape[1] - 1
+    assert count == want_count == 20
+    assert nll == pytest.approx(want, rel=1e-6)
+
+
+def test_overlapping_windows_equal_explicit_contexts():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (13,), generator=torch.Generator().manual_seed(2))
+    nll, count = document_nll(model, ids, max_length=6, stride=2)
+    want = 0.0
+    for begin, end, first in windows(13, 6, 2):
+        for t in range(first, end):  # token t predicted from its window's context ids[begin:t]
+            context = ids[begin:t].unsqueeze(0)
+            log_probs = model(input_ids=context).logits[0, -1].log_softmax(-1)
+            want -= log_probs[ids[t]].item()
+    assert count == 12
+    assert nll == pytest.approx(want, rel=1e-5)
