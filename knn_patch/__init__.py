@@ -1,9 +1,9 @@
 """knn_patch: kNN attention for pretrained HuggingFace causal LMs, patched in one call.
 
-    import knn_patch
-    model, tokenizer = knn_patch.load_default()   # embedded SmolLM2-135M-Instruct, offline
-    knn_patch.patch(model, k=32)                  # in place: every attention layer is kNN
-    knn_patch.unpatch(model)                      # back to the model's own attention
+import knn_patch
+model, tokenizer = knn_patch.load_default()   # embedded SmolLM2-135M-Instruct, offline
+knn_patch.patch(model, k=32)                  # in place: every attention layer is kNN
+knn_patch.unpatch(model)                      # back to the model's own attention
 """
 
 __version__ = "0.1.0"

@@ -1,25 +1,33 @@
-"""Result files written atomically, so a crash never leaves a truncated JSON behind."""
+"""Result files written atomically, so a crash never leaves a truncated file behind."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write `data` as indented JSON to `path` via a temporary file in the same folder and a rename."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Call `write(tmp_path)` on a temporary file next to `path`, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates it 0600
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write `data` as indented JSON to `path`, atomically."""
+    return atomic_write(
+        path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    )

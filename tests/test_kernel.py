@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from knn_patch.kernels.select import extension_available, topk_rows
 from knn_patch.kernels.topk import topk_attention
 
 
@@ -65,11 +66,17 @@ CASES = {
 }
 
 
+# float64 runs the torch.topk selection; float32 runs the compiled selection (select.cpp)
+PRECISION = {"float64": (torch.float64, 1e-12), "float32": (torch.float32, 2e-5)}
+
+
+@pytest.mark.parametrize("precision", PRECISION)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("masking", ["causal", "padded", "window"])
-def test_matches_reference_output_and_gradients(case, masking):
+def test_matches_reference_output_and_gradients(case, masking, precision):
     c = CASES[case]
-    q, k, v = inputs(lq=c["lq"], lk=c["lk"], hkv=c.get("hkv", 2))
+    dtype, atol = PRECISION[precision]
+    q, k, v = inputs(lq=c["lq"], lk=c["lk"], hkv=c.get("hkv", 2), dtype=dtype)
     mask = None
     if masking == "padded":
         mask = padding_mask(2, c["lq"], c["lk"], [0, 7])
@@ -77,12 +84,12 @@ def test_matches_reference_output_and_gradients(case, masking):
         mask = padding_mask(2, c["lq"], c["lk"], [3, 0], window=9)
     out, _ = topk_attention(q, k, v, mask, k=c["kk"], scale=0.4, chunk_size=c["chunk"])
     ref = reference(q, k, v, mask, kk=c["kk"], scale=0.4)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, ref, rtol=0, atol=atol)
     weight = torch.randn_like(ref)
     got = torch.autograd.grad((out * weight).sum(), (q, k, v))
     want = torch.autograd.grad((ref * weight).sum(), (q, k, v))
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("opts", [dict(sinks=2, window=0), dict(sinks=0, window=5), dict(sinks=3, window=4)])
@@ -205,3 +212,26 @@ def test_bad_shapes_and_masks_are_rejected():
     with pytest.raises(ValueError, match="k must be"):
         topk_attention(q, k, v, k=0)
     assert math.isfinite(topk_attention(q, k, v, k=1)[0].sum().item())
+
+
+def test_compiled_selection_is_built():
+    assert extension_available(), "g++ and ninja are in the setup; the fast path must build"
+
+
+@pytest.mark.parametrize(("rows", "cols", "k"), [(64, 4096, 32), (300, 100, 7), (50, 9, 9), (8, 2000, 1)])
+def test_compiled_selection_equals_torch_topk(rows, cols, k):
+    gen = torch.Generator().manual_seed(cols)
+    x = torch.randn(rows, cols, generator=gen)
+    ends = torch.randint(0, cols + 1, (rows,), generator=gen)
+    values, idx = topk_rows(x, k, ends)
+    want = x.masked_fill(torch.arange(cols) >= ends.unsqueeze(-1), -math.inf).topk(k, dim=-1)
+    filled = want.values > -math.inf
+    assert torch.equal(values, want.values)
+    assert torch.equal(idx[filled], want.indices[filled])
+
+
+def test_compiled_selection_keeps_the_lower_index_on_ties():
+    x = torch.zeros(3, 500)
+    x[:, 100:110] = 1.0
+    values, idx = topk_rows(x, 4)
+    assert torch.equal(idx, torch.tensor([[100, 101, 102, 103]] * 3)) and (values == 1).all()

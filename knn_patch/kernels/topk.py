@@ -20,8 +20,12 @@ import math
 
 import torch
 
-# Gathered-key working set per chunk, in elements; the chunk shrinks to respect it when k is large.
-_GATHER_BUDGET = 1 << 25
+from .select import topk_rows
+
+# Working set per chunk, in elements: the score block (queries x visible keys) and the gathered
+# keys (queries x k x D). The chunk shrinks to respect both, which bounds memory at long n.
+_SCORE_BUDGET = 1 << 23
+_GATHER_BUDGET = 1 << 24
 
 
 def _key_range(
@@ -38,85 +42,65 @@ def _key_range(
     return 0, lk
 
 
-def _chunk_scores(q: torch.Tensor, key: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
-    # (B, Hkv, G*C, D) @ (B, Hkv, D, L) -> (B, Hkv, G*C, L)
-    s = torch.matmul(q * scale, key.transpose(-1, -2))
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    return s
-
-
-def _visible(
-    mask: torch.Tensor | None,
-    causal: bool,
-    q0: int,
-    q1: int,
-    lo: int,
-    hi: int,
-    lq: int,
-    lk: int,
-    device: torch.device,
+def _mask_scores(
+    s: torch.Tensor, mask: torch.Tensor | None, causal: bool, q0: int, lo: int, offset: int
 ) -> torch.Tensor | None:
-    """Boolean (B|1, 1|Hkv, 1|G, C, L) of the keys each query may see, or None when it sees all."""
+    """Set the scores of keys a query may not see to -inf, in place; returns the visibility
+    (B|1, 1|Hkv, 1|G, C, L) when a mask was given, else None (plain causal or no masking)."""
+    c, n = s.shape[-2:]
     if mask is not None:
-        return mask[..., q0:q1, lo:hi]
+        visible = mask[..., q0 : q0 + c, lo : lo + n]
+        s.masked_fill_(~visible, -math.inf)
+        return visible
     if causal:
-        qpos = torch.arange(q0, q1, device=device).unsqueeze(-1) + (lk - lq)  # (C, 1)
-        kpos = torch.arange(lo, hi, device=device).unsqueeze(0)  # (1, L)
-        return (kpos <= qpos).view(1, 1, 1, q1 - q0, hi - lo)
+        first = q0 + offset - lo + 1  # the first column that the chunk's first query may not see
+        if first < n:
+            # (C, L - first): row r may not see column first + j once j >= r
+            hidden = torch.arange(n - first, device=s.device) >= torch.arange(c, device=s.device).unsqueeze(
+                -1
+            )
+            s[..., first:].masked_fill_(hidden, -math.inf)
     return None
 
 
 def _forced(
     visible: torch.Tensor | None,
-    shape: tuple[int, ...],
+    causal: bool,
+    shape: torch.Size,
     q0: int,
-    q1: int,
     lo: int,
-    hi: int,
-    lq: int,
-    lk: int,
+    offset: int,
     sink_tokens: int,
     local_window: int,
     device: torch.device,
 ) -> torch.Tensor:
     """Boolean mask of the always-kept keys: the first `sink_tokens` visible keys and the
     `local_window` keys ending at each query's own position."""
-    c, n = q1 - q0, hi - lo
-    qpos = torch.arange(q0, q1, device=device).unsqueeze(-1) + (lk - lq)  # (C, 1)
-    kpos = torch.arange(lo, hi, device=device).unsqueeze(0)  # (1, L)
-    forced = torch.zeros(1, 1, 1, c, n, dtype=torch.bool, device=device)
+    c, n = shape[-2:]
+    qpos = torch.arange(q0, q0 + c, device=device).unsqueeze(-1) + offset  # (C, 1)
+    kpos = torch.arange(lo, lo + n, device=device).unsqueeze(0)  # (1, L)
+    seen = (kpos <= qpos) if causal and visible is None else torch.ones(c, n, dtype=torch.bool, device=device)
+    forced = torch.zeros(c, n, dtype=torch.bool, device=device)
     if local_window:
-        forced = forced | ((kpos <= qpos) & (kpos > qpos - local_window)).view(1, 1, 1, c, n)
+        forced = forced | ((kpos <= qpos) & (kpos > qpos - local_window))
     if sink_tokens:
         if visible is None:
-            forced = forced | (kpos < sink_tokens).view(1, 1, 1, 1, n)
+            forced = forced | (kpos < sink_tokens)
         else:
             # rank of each visible key among the visible ones, so left padding does not eat the sinks
-            rank = visible.to(torch.int32).cumsum(-1)
-            forced = forced | (rank <= sink_tokens)
-    if visible is not None:
-        forced = forced & visible
+            forced = forced | (visible.to(torch.int32).cumsum(-1) <= sink_tokens)
+    forced = forced & (seen if visible is None else visible)
     return forced.expand(shape)
 
 
-def _select(scores: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-kk (values, indices) along the last dim, in two stages when the row is long."""
-    n = scores.shape[-1]
-    if kk >= n:
-        return scores, torch.arange(n, device=scores.device).expand(scores.shape)
-    g = 2 ** int(math.log2(max(1.0, math.sqrt(n / kk))))  # balances n/g group maxima against kk*g candidates
-    if g < 4 or n < 4 * kk * g:
-        return scores.topk(kk, dim=-1)
-    pad = -n % g
-    if pad:
-        scores = torch.nn.functional.pad(scores, (0, pad), value=-math.inf)
-    lead = scores.shape[:-1]
-    group_max = scores.view(*lead, -1, g).amax(-1)  # (..., n/g)
-    top_groups = group_max.topk(kk, dim=-1).indices  # (..., kk)
-    cand = (top_groups.unsqueeze(-1) * g + torch.arange(g, device=scores.device)).flatten(-2)  # (..., kk*g)
-    values, pos = scores.gather(-1, cand).topk(kk, dim=-1)  # (..., kk)
-    return values, cand.gather(-1, pos)
+def _select(scores: torch.Tensor, kk: int, row_end: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-kk (values, indices) along the last dim of scores (..., L), sorted descending.
+
+    `row_end` (one per row of the flattened leading dims) limits each row to its first columns:
+    the causal limit, so causal scores need no masking pass. Unfilled slots hold -inf."""
+    lead, n = scores.shape[:-1], scores.shape[-1]
+    values, pos = topk_rows(scores.reshape(-1, n), kk, row_end)
+    return values.view(*lead, kk), pos.view(*lead, kk)
 
 
 def _probabilities(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -156,7 +140,16 @@ class _TopKAttention(torch.autograd.Function):
         device = q.device
         n_forced = sink_tokens + local_window
         kk = min(k + n_forced, lk)
-        chunk = max(1, min(chunk_size, _GATHER_BUDGET // max(1, b * hkv * g * kk * max(d, dv))))
+        offset = lk - lq  # queries are the last lq positions (bottom-right causal alignment)
+        span = lk if mask is not None or not causal else min(lk, chunk_size + offset)
+        chunk = max(
+            1,
+            min(
+                chunk_size,
+                _SCORE_BUDGET // max(1, b * hkv * g * span),
+                _GATHER_BUDGET // max(1, b * hkv * g * kk * max(d, dv)),
+            ),
+        )
 
         acc = torch.promote_types(q.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
         k32, v32 = key.to(acc), value.to(acc)
@@ -165,6 +158,7 @@ class _TopKAttention(torch.autograd.Function):
         p_all = torch.zeros(b, hkv, g, lq, kk, dtype=acc, device=device)
         drop_all = torch.ones(b, hkv, g, lq, kk, dtype=torch.bool, device=device) if dropout > 0 else None
         s_all = torch.zeros_like(p_all) if softcap is not None else None
+        buffer = torch.empty(b * hkv * g * chunk * lk, dtype=acc, device=device)  # reused score block
         ranges = []
         for q0 in range(0, lq, chunk):
             q1 = min(q0 + chunk, lq)
@@ -174,23 +168,37 @@ class _TopKAttention(torch.autograd.Function):
             n = hi - lo
             if n == 0:
                 continue
-            qc = q[:, :, :, q0:q1].to(acc).reshape(b, hkv, g * c, d)
-            s = _chunk_scores(qc, k32[:, :, lo:hi], scale, softcap).view(b, hkv, g, c, n)  # (B, Hkv, G, C, L)
-            visible = _visible(mask, causal, q0, q1, lo, hi, lq, lk, device)
-            if visible is not None:
-                s = s.masked_fill(~visible, -math.inf)
+            qc = q[:, :, :, q0:q1].to(acc).reshape(b, hkv, g * c, d) * scale
+            s = buffer[: b * hkv * g * c * n].view(b, hkv, g * c, n)
+            torch.matmul(qc, k32[:, :, lo:hi].transpose(-1, -2), out=s)  # (B, Hkv, G*C, L)
+            if softcap is not None:
+                s = torch.tanh(s.div_(softcap), out=s).mul_(softcap)
+            s = s.view(b, hkv, g, c, n)
             take = min(kk, n)
-            if n_forced:
-                forced = _forced(visible, s.shape, q0, q1, lo, hi, lq, lk, sink_tokens, local_window, device)
-                _, pos = _select(s.masked_fill(forced, math.inf), take)  # forced keys first, then by score
-                vals = s.gather(-1, pos)
-                is_forced = forced.gather(-1, pos)
-                # overlapping sinks and window free slots: keep the forced keys and only the k best others
-                rank = (~is_forced).cumsum(-1)
-                keep = torch.isfinite(vals) & (is_forced | (rank <= k))
+            visible, row_end = None, None
+            if take == n and not n_forced:  # every visible key is kept: mask, no selection
+                visible = _mask_scores(s, mask, causal, q0, lo, offset)
+                pos = torch.arange(n, device=device).expand(s.shape)
+                sel = s
             else:
-                vals, pos = _select(s, take)  # (B, Hkv, G, C, take)
-                keep = torch.isfinite(vals)
+                if mask is None and causal:  # the selection stops at each row's causal limit
+                    row_end = (torch.arange(c, device=device) + (q0 + offset + 1 - lo)).clamp(max=n)
+                    row_end = row_end.expand(b, hkv, g, c).reshape(-1)  # one per score row
+                else:
+                    visible = _mask_scores(s, mask, causal, q0, lo, offset)
+                forced = None
+                if n_forced:
+                    forced = _forced(
+                        visible, causal, s.shape, q0, lo, offset, sink_tokens, local_window, device
+                    )
+                sel, pos = _select(s if forced is None else s.masked_fill(forced, math.inf), take, row_end)
+            if n_forced:  # forced keys were ranked first with +inf; keep them and the k best others
+                vals = s.gather(-1, pos)
+                is_forced = sel == math.inf
+                rank = (~is_forced).cumsum(-1)  # overlapping sinks and window free slots
+                keep = (sel > -math.inf) & (is_forced | (rank <= k))
+            else:
+                vals, keep = sel, sel > -math.inf
             p = _probabilities(vals, keep)
             if dropout > 0:
                 drop = torch.rand(p.shape, device=device, generator=generator) >= dropout
@@ -198,7 +206,7 @@ class _TopKAttention(torch.autograd.Function):
                 pw = p * drop / (1 - dropout)
             else:
                 pw = p
-            out[:, :, :, q0:q1] = _apply_weights(pw, pos, v32[:, :, lo:hi], n)
+            out[:, :, :, q0:q1] = _apply_weights(pw, pos, v32, lo, n)
             idx_all[:, :, :, q0:q1, :take] = pos + lo
             p_all[:, :, :, q0:q1, :take] = p
             if s_all is not None:
@@ -234,7 +242,7 @@ class _TopKAttention(torch.autograd.Function):
             do = d_out[:, :, :, q0:q1]  # (B, Hkv, G, C, Dv)
             qc = q[:, :, :, q0:q1].to(acc)
             if _dense_chunk(take, n):
-                w = torch.zeros(b, hkv, g, c, n, dtype=acc, device=q.device).scatter_(
+                w = torch.zeros(b, hkv, g, c, n, dtype=acc, device=q.device).scatter_add_(
                     -1, pos, pw
                 )  # (B, Hkv, G, C, L)
                 dvv[:, :, lo:hi] += w.reshape(b, hkv, g * c, n).transpose(-1, -2) @ do.reshape(
@@ -256,7 +264,7 @@ class _TopKAttention(torch.autograd.Function):
             if _dense_chunk(take, n):
                 dsf = (
                     torch.zeros(b, hkv, g, c, n, dtype=acc, device=q.device)
-                    .scatter_(-1, pos, ds)
+                    .scatter_add_(-1, pos, ds)
                     .reshape(b, hkv, g * c, n)
                 )
                 dq[:, :, :, q0:q1] = (dsf @ k32[:, :, lo:hi]).view(b, hkv, g, c, d)
@@ -287,13 +295,21 @@ def _scatter_rows(dst: torch.Tensor, pos: torch.Tensor, src: torch.Tensor) -> No
     dst.view(b * hkv * n, e).index_add_(0, flat.reshape(-1), src.reshape(-1, e))
 
 
-def _apply_weights(w: torch.Tensor, pos: torch.Tensor, value: torch.Tensor, n: int) -> torch.Tensor:
-    """Weights w (B, Hkv, G, C, t) at key positions pos, values (B, Hkv, L, Dv) -> (B, Hkv, G, C, Dv)."""
+def _apply_weights(w: torch.Tensor, pos: torch.Tensor, value: torch.Tensor, lo: int, n: int) -> torch.Tensor:
+    """Weights w (B, Hkv, G, C, t) at key positions lo + pos, values (B, Hkv, Lk, Dv) -> (B, Hkv, G, C, Dv).
+
+    Sparse chunks use `embedding_bag` (a fused gather and weighted sum, ~7x faster here than
+    materialising the gathered rows); chunks where k is a large share of the keys use a matmul."""
     b, hkv, g, c, t = w.shape
+    lk, dv = value.shape[-2:]
     if _dense_chunk(t, n):
-        dense = torch.zeros(b, hkv, g, c, n, dtype=w.dtype, device=w.device).scatter_(-1, pos, w)
-        return (dense.reshape(b, hkv, g * c, n) @ value).view(b, hkv, g, c, -1)
-    return (w.unsqueeze(-2) @ _gather_rows(value, pos)).squeeze(-2)
+        dense = torch.zeros(b, hkv, g, c, n, dtype=w.dtype, device=w.device).scatter_add_(-1, pos, w)
+        return (dense.reshape(b, hkv, g * c, n) @ value[:, :, lo : lo + n]).view(b, hkv, g, c, dv)
+    flat = pos + (lo + torch.arange(b * hkv, device=w.device) * lk).view(b, hkv, 1, 1, 1)  # rows of value
+    out = torch.nn.functional.embedding_bag(
+        flat.reshape(-1, t), value.reshape(b * hkv * lk, dv), per_sample_weights=w.reshape(-1, t), mode="sum"
+    )
+    return out.view(b, hkv, g, c, dv)
 
 
 def topk_attention(

@@ -1,0 +1,61 @@
+"""Row-wise exact top-k selection: a compiled one-pass heap (select.cpp), or torch.topk.
+
+The compiled path is built once with `torch.utils.cpp_extension` (about a minute, cached under
+`$TORCH_EXTENSIONS_DIR`); if no compiler is available, a warning is logged once and selection
+falls back to torch.topk, which gives the same keys except among tied scores.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("knn_patch")
+
+
+@functools.cache
+def _extension():
+    if os.environ.get("KNN_PATCH_NO_EXTENSION"):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="knn_patch_select",
+            sources=[str(Path(__file__).with_name("select.cpp"))],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, no ninja: fall back, but say so
+        logger.warning(
+            "knn_patch: could not build the top-k selection extension (%s); using torch.topk.", err
+        )
+        return None
+
+
+def extension_available() -> bool:
+    """Whether the compiled selection is in use (builds it on first call)."""
+    return _extension() is not None
+
+
+def topk_rows(
+    scores: torch.Tensor, k: int, row_end: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (values, indices) of each row of `scores` (R, L), sorted descending.
+
+    Row r only considers columns [0, row_end[r]) when `row_end` is given. Masked (-inf) scores are
+    never chosen before visible ones; slots beyond a row's visible count hold -inf.
+    """
+    ext = _extension() if scores.device.type == "cpu" and scores.dtype == torch.float32 else None
+    if ext is not None:
+        ends = torch.empty(0, dtype=torch.int64) if row_end is None else row_end.to(torch.int64).contiguous()
+        return ext.topk_rows(scores.contiguous(), k, ends)
+    if row_end is not None:
+        cols = torch.arange(scores.shape[-1], device=scores.device)
+        scores = scores.masked_fill(cols >= row_end.unsqueeze(-1), -torch.inf)
+    return scores.topk(k, dim=-1)
