@@ -47,6 +47,51 @@ inline void max_into(float* acc, const float* x, int64_t m) {
 
 }  // namespace
 
+// Buffers reused across the rows one thread handles.
+struct Workspace {
+  std::vector<float> group_max, scratch;
+  std::vector<Entry> cand;
+};
+
+// Top-k of one row of n scores into out_v / out_i (pre-filled with -inf / 0), in descending order
+// if `sorted`, else in any order (the same set).
+void select_row(const float* row, int64_t n, int64_t k, float* out_v, int64_t* out_i, Workspace& ws,
+                bool sorted) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  int64_t g = 16;
+  while (g > 1 && n < 4 * k * g) g /= 2;
+  const int64_t m = (n + g - 1) / g;
+  ws.group_max.assign(row, row + std::min(m, n));
+  ws.group_max.resize(m, neg_inf);
+  for (int64_t t = 1; t < g; ++t) max_into(ws.group_max.data(), row + t * m, std::min(m, n - t * m));
+  float tau = neg_inf;
+  if (m > k) {
+    ws.scratch.assign(ws.group_max.begin(), ws.group_max.end());
+    std::nth_element(ws.scratch.begin(), ws.scratch.begin() + (k - 1), ws.scratch.end(), std::greater<float>());
+    tau = ws.scratch[k - 1];
+  }
+  ws.cand.clear();
+  for (int64_t j = 0; j < m; ++j) {
+    if (ws.group_max[j] < tau || ws.group_max[j] == neg_inf) continue;
+    for (int64_t i = j; i < n; i += m)
+      if (row[i] >= tau && row[i] != neg_inf) ws.cand.emplace_back(row[i], i);
+  }
+  const int64_t take = std::min<int64_t>(k, ws.cand.size());
+  if (sorted)
+    std::partial_sort(ws.cand.begin(), ws.cand.begin() + take, ws.cand.end(), ranks_above);
+  else if (take < static_cast<int64_t>(ws.cand.size()))
+    std::nth_element(ws.cand.begin(), ws.cand.begin() + (take - 1), ws.cand.end(), ranks_above);
+  for (int64_t t = 0; t < take; ++t) {
+    out_v[t] = ws.cand[t].first;
+    out_i[t] = ws.cand[t].second;
+  }
+}
+
+std::vector<torch::Tensor> empty_result(int64_t rows, int64_t k, const torch::TensorOptions& options) {
+  return {torch::full({rows, k}, -std::numeric_limits<float>::infinity(), options),
+          torch::zeros({rows, k}, options.dtype(torch::kInt64))};
+}
+
 // scores: (R, L) float32, contiguous. row_end: (R,) int64, row r only considers columns
 // [0, row_end[r]) (the causal limit), or an empty tensor for all L. Returns values (R, k) sorted
 // descending and their column indices (R, k).
@@ -54,48 +99,61 @@ std::vector<torch::Tensor> topk_rows(torch::Tensor scores, int64_t k, torch::Ten
   TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous() && scores.scalar_type() == torch::kFloat32,
               "scores must be a contiguous 2-D float32 tensor");
   const int64_t rows = scores.size(0), cols = scores.size(1);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  auto values = torch::full({rows, k}, neg_inf, scores.options());
-  auto indices = torch::zeros({rows, k}, scores.options().dtype(torch::kInt64));
+  auto out = empty_result(rows, k, scores.options());
   const float* s = scores.data_ptr<float>();
   const int64_t* end = row_end.numel() ? row_end.data_ptr<int64_t>() : nullptr;
-  float* out_v = values.data_ptr<float>();
-  int64_t* out_i = indices.data_ptr<int64_t>();
+  float* out_v = out[0].data_ptr<float>();
+  int64_t* out_i = out[1].data_ptr<int64_t>();
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> group_max, scratch;
-    std::vector<Entry> cand;
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* row = s + r * cols;
-      const int64_t n = end ? std::min(end[r], cols) : cols;
-      int64_t g = 16;
-      while (g > 1 && n < 4 * k * g) g /= 2;
-      const int64_t m = (n + g - 1) / g;
-      group_max.assign(row, row + std::min(m, n));
-      group_max.resize(m, neg_inf);
-      for (int64_t t = 1; t < g; ++t) max_into(group_max.data(), row + t * m, std::min(m, n - t * m));
-      float tau = neg_inf;
-      if (m > k) {
-        scratch.assign(group_max.begin(), group_max.end());
-        std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
-        tau = scratch[k - 1];
+    Workspace ws;
+    for (int64_t r = r0; r < r1; ++r)
+      select_row(s + r * cols, end ? std::min(end[r], cols) : cols, k, out_v + r * k, out_i + r * k, ws, true);
+  });
+  return out;
+}
+
+// Fused scores and selection, so the scores never leave the cache: for each of P independent
+// problems (one per batch and KV head), q (P, R, D) holds the scaled queries and key (P, L, D)
+// the keys. Blocks of 64 query rows are scored with a small GEMM into a per-thread buffer (only
+// up to the block's last causal limit) and selected at once. The same keys as topk_rows on the
+// full (P*R, L) score matrix, in no particular order.
+std::vector<torch::Tensor> scores_topk(torch::Tensor q, torch::Tensor key, int64_t k, torch::Tensor row_end) {
+  TORCH_CHECK(q.dim() == 3 && key.dim() == 3 && q.scalar_type() == torch::kFloat32 &&
+                  key.scalar_type() == torch::kFloat32 && q.size(0) == key.size(0) && q.size(2) == key.size(2),
+              "q (P, R, D) and key (P, L, D) must be float32");
+  const int64_t problems = q.size(0), rows = q.size(1), cols = key.size(1);
+  constexpr int64_t kRows = 64;
+  const int64_t blocks = (rows + kRows - 1) / kRows;
+  auto out = empty_result(problems * rows, k, q.options());
+  const int64_t* end = row_end.numel() ? row_end.data_ptr<int64_t>() : nullptr;
+  float* out_v = out[0].data_ptr<float>();
+  int64_t* out_i = out[1].data_ptr<int64_t>();
+  at::parallel_for(0, problems * blocks, 1, [&](int64_t t0, int64_t t1) {
+    at::NoGradGuard no_grad;  // grad mode is per thread: worker threads start with it on
+    Workspace ws;
+    std::vector<float> buffer(kRows * cols);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p = t / blocks, r0 = (t % blocks) * kRows, nr = std::min(kRows, rows - r0);
+      const int64_t first = p * rows + r0;
+      int64_t width = cols;
+      if (end) {
+        width = 0;
+        for (int64_t i = 0; i < nr; ++i) width = std::max(width, std::min(end[first + i], cols));
       }
-      cand.clear();
-      for (int64_t j = 0; j < m; ++j) {
-        if (group_max[j] < tau || group_max[j] == neg_inf) continue;
-        for (int64_t i = j; i < n; i += m)
-          if (row[i] >= tau && row[i] != neg_inf) cand.emplace_back(row[i], i);
-      }
-      const int64_t take = std::min<int64_t>(k, cand.size());
-      std::partial_sort(cand.begin(), cand.begin() + take, cand.end(), ranks_above);
-      for (int64_t t = 0; t < take; ++t) {
-        out_v[r * k + t] = cand[t].first;
-        out_i[r * k + t] = cand[t].second;
+      if (width == 0) continue;
+      auto s = torch::from_blob(buffer.data(), {nr, width}, q.options());
+      at::mm_out(s, q[p].narrow(0, r0, nr), key[p].narrow(0, 0, width).t());
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t r = first + i;
+        select_row(buffer.data() + i * width, end ? std::min(end[r], width) : width, k, out_v + r * k,
+                   out_i + r * k, ws, false);
       }
     }
   });
-  return {values, indices};
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_rows", &topk_rows, "Exact per-row top-k of a float32 score block");
+  m.def("scores_topk", &scores_topk, "Exact top-k of q @ key^T per row, scores kept in cache");
 }

@@ -5,13 +5,9 @@ held, and its autograd backward keeps only O(Lq * k) state: the selected key ind
 probabilities. Scores are computed in fp32 with autocast off.
 
 Per chunk of C queries, the key range is cut to the keys any query of the chunk may see (causal
-and window masks skip whole blocks), then the top-k is found in two exact stages:
-
-    scores (C, L) --max over groups of g keys--> (C, L/g) --top-k groups--> k*g candidates --top-k--> k
-
-Every key of the true top-k lies in one of the k groups of largest maximum (each such group holds
-at least one score >= the k-th largest group maximum, which bounds the k-th largest score from
-below), so the second stage sees all of them and the result is exact.
+and window masks skip whole blocks), the (C, L) scores go into one reused buffer, and each row's
+exact top-k is taken by `select.topk_rows` (a compiled pass that stops at the row's causal limit,
+so plain causal scores are never masked). The output is a fused gather-and-sum (`embedding_bag`).
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ import math
 
 import torch
 
-from .select import topk_rows
+from .select import scores_topk, topk_rows
 
 # Working set per chunk, in elements: the score block (queries x visible keys) and the gathered
 # keys (queries x k x D). The chunk shrinks to respect both, which bounds memory at long n.
@@ -141,12 +137,11 @@ class _TopKAttention(torch.autograd.Function):
         n_forced = sink_tokens + local_window
         kk = min(k + n_forced, lk)
         offset = lk - lq  # queries are the last lq positions (bottom-right causal alignment)
-        span = lk if mask is not None or not causal else min(lk, chunk_size + offset)
         chunk = max(
             1,
             min(
                 chunk_size,
-                _SCORE_BUDGET // max(1, b * hkv * g * span),
+                _SCORE_BUDGET // max(1, b * hkv * g * lk),
                 _GATHER_BUDGET // max(1, b * hkv * g * kk * max(d, dv)),
             ),
         )
@@ -158,7 +153,7 @@ class _TopKAttention(torch.autograd.Function):
         p_all = torch.zeros(b, hkv, g, lq, kk, dtype=acc, device=device)
         drop_all = torch.ones(b, hkv, g, lq, kk, dtype=torch.bool, device=device) if dropout > 0 else None
         s_all = torch.zeros_like(p_all) if softcap is not None else None
-        buffer = torch.empty(b * hkv * g * chunk * lk, dtype=acc, device=device)  # reused score block
+        buffer = None  # score block, allocated once if a chunk leaves the fused path
         ranges = []
         for q0 in range(0, lq, chunk):
             q1 = min(q0 + chunk, lq)
@@ -169,29 +164,38 @@ class _TopKAttention(torch.autograd.Function):
             if n == 0:
                 continue
             qc = q[:, :, :, q0:q1].to(acc).reshape(b, hkv, g * c, d) * scale
-            s = buffer[: b * hkv * g * c * n].view(b, hkv, g * c, n)
-            torch.matmul(qc, k32[:, :, lo:hi].transpose(-1, -2), out=s)  # (B, Hkv, G*C, L)
-            if softcap is not None:
-                s = torch.tanh(s.div_(softcap), out=s).mul_(softcap)
-            s = s.view(b, hkv, g, c, n)
             take = min(kk, n)
-            visible, row_end = None, None
-            if take == n and not n_forced:  # every visible key is kept: mask, no selection
-                visible = _mask_scores(s, mask, causal, q0, lo, offset)
-                pos = torch.arange(n, device=device).expand(s.shape)
-                sel = s
+            row_end = None
+            if mask is None and causal and take < n:  # selection stops at each row's causal limit
+                row_end = (torch.arange(c, device=device) + (q0 + offset + 1 - lo)).clamp(max=n)
+                row_end = row_end.expand(b, hkv, g, c).reshape(-1)  # one per score row
+            if mask is None and not n_forced and softcap is None and take < n:  # the hot path
+                sel, pos = scores_topk(
+                    qc.view(b * hkv, g * c, d), k32[:, :, lo:hi].reshape(b * hkv, n, d), take, row_end
+                )
+                sel, pos = sel.view(b, hkv, g, c, take), pos.view(b, hkv, g, c, take)
             else:
-                if mask is None and causal:  # the selection stops at each row's causal limit
-                    row_end = (torch.arange(c, device=device) + (q0 + offset + 1 - lo)).clamp(max=n)
-                    row_end = row_end.expand(b, hkv, g, c).reshape(-1)  # one per score row
+                if buffer is None:
+                    buffer = torch.empty(b * hkv * g * chunk * lk, dtype=acc, device=device)  # reused
+                s = buffer[: b * hkv * g * c * n].view(b, hkv, g * c, n)
+                torch.matmul(qc, k32[:, :, lo:hi].transpose(-1, -2), out=s)  # (B, Hkv, G*C, L)
+                if softcap is not None:
+                    s = torch.tanh(s.div_(softcap), out=s).mul_(softcap)
+                s = s.view(b, hkv, g, c, n)
+                if take == n and not n_forced:  # every visible key is kept: mask, no selection
+                    _mask_scores(s, mask, causal, q0, lo, offset)
+                    pos = torch.arange(n, device=device).expand(s.shape)
+                    sel = s
                 else:
-                    visible = _mask_scores(s, mask, causal, q0, lo, offset)
-                forced = None
-                if n_forced:
-                    forced = _forced(
-                        visible, causal, s.shape, q0, lo, offset, sink_tokens, local_window, device
+                    visible = None if row_end is not None else _mask_scores(s, mask, causal, q0, lo, offset)
+                    forced = None
+                    if n_forced:
+                        forced = _forced(
+                            visible, causal, s.shape, q0, lo, offset, sink_tokens, local_window, device
+                        )
+                    sel, pos = _select(
+                        s if forced is None else s.masked_fill(forced, math.inf), take, row_end
                     )
-                sel, pos = _select(s if forced is None else s.masked_fill(forced, math.inf), take, row_end)
             if n_forced:  # forced keys were ranked first with +inf; keep them and the k best others
                 vals = s.gather(-1, pos)
                 is_forced = sel == math.inf
@@ -342,8 +346,9 @@ def topk_attention(
 
     Each query keeps the `sink_tokens` first visible keys, the `local_window` keys ending at its
     own position, and its `k` visible keys of largest scaled score (softcapped if `softcap`):
-    exactly min(k, visible) beyond the forced ones, never more. Ties between equal fp32 scores are
-    broken by `torch.topk`'s fixed order, so results are reproducible. A query that may see no key
+    exactly min(k, visible) beyond the forced ones, never more. Ties between equal scores keep the
+    lower key index on CPU in fp32 (the compiled selection) and follow `torch.topk`'s fixed order
+    elsewhere, so results are reproducible. A query that may see no key
     (a fully padded row) gets zero output and zero weights, never NaN.
 
     Returns the output (B, Hq, Lq, Dv) in the query's dtype and, with `return_weights`, the dense
@@ -369,9 +374,8 @@ def topk_attention(
         attention_mask = attention_mask.unsqueeze(1) if mh == 1 else attention_mask.unflatten(1, (hkv, g))
     scale = d**-0.5 if scale is None else scale
     with torch.autocast(device_type=query.device.type, enabled=False):
-        q = query.view(
-            b, hkv, g, lq, d
-        )  # (B, Hq, Lq, D) -> (B, Hkv, G, Lq, D): heads of one KV group together
+        # (B, Hq, Lq, D) -> (B, Hkv, G, Lq, D): the heads of one KV group together (a view)
+        q = query.view(b, hkv, g, lq, d)
         out, idx, p = _TopKAttention.apply(
             q,
             key,
