@@ -18,6 +18,7 @@ from . import __version__
 from .assets import bundled_corpus_dir
 from .config import KNNConfig
 from .io import write_json_atomic
+from .kernels.select import extension_available
 from .loading import load_default
 from .patcher import patched
 from .perplexity import document_nll, windows
@@ -94,9 +95,10 @@ def demo(args: argparse.Namespace) -> dict:
 
 
 def prepare(_: argparse.Namespace) -> None:
-    """Fetch and convert the embedded model and corpus now, so later runs start at once."""
+    """Fetch and convert the embedded model and corpus, and build the compiled selection, once."""
     load_default()
-    print(f"model ready; corpus at {bundled_corpus_dir()}")
+    compiled = "built" if extension_available() else "NOT built (torch.topk fallback)"
+    print(f"model ready; corpus at {bundled_corpus_dir()}; compiled top-k selection {compiled}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,3 +65,24 @@ def test_attention_weights_keep_exactly_min_k_visible(family):
         kept = (weights > 0).sum(-1)
         assert kept.max() == 3
         assert (kept[0, :, 2:] == 3).all() and (kept[1, :, :5] == 0).all() and (kept[1, :, 7:] == 3).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_have_no_nan_with_padding(dtype):
+    model = knn_patch.patch(tiny_model("llama").to(dtype), k=4)
+    ids, mask = batch(length=20, pad=8)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    assert logits.dtype == dtype and not logits[mask.bool()].isnan().any()
+
+
+def test_attention_dropout_is_applied_in_training_mode_only():
+    model = knn_patch.patch(tiny_model("llama", attention_dropout=0.5), k=4)
+    ids, _ = batch(pad=0)
+    eval_a, eval_b = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(eval_a, eval_b)
+    model.train()
+    train_a = model(input_ids=ids).logits
+    train_b = model(input_ids=ids).logits
+    assert not torch.allclose(train_a, train_b)
+    train_a.sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)

@@ -73,8 +73,10 @@ FAMILIES: dict[str, dict] = {
 DENSE_REFERENCE = {"gemma2": "eager"}
 
 
-def tiny_model(family: str, attn_implementation: str | None = None, seed: int = 0) -> torch.nn.Module:
-    config = AutoConfig.for_model(family, **FAMILIES[family])
+def tiny_model(
+    family: str, attn_implementation: str | None = None, seed: int = 0, **overrides
+) -> torch.nn.Module:
+    config = AutoConfig.for_model(family, **{**FAMILIES[family], **overrides})
     torch.manual_seed(seed)
     impl = attn_implementation or DENSE_REFERENCE.get(family, "sdpa")
     model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=torch.float32)

@@ -18,10 +18,11 @@ import torch
 
 from .select import scores_topk, topk_rows
 
-# Working set per chunk, in elements: the score block (queries x visible keys) and the gathered
-# keys (queries x k x D). The chunk shrinks to respect both, which bounds memory at long n.
+# Working sets, in elements, that bound memory at long n: the forward's score block (queries x
+# visible keys, only where scores are materialised) and the backward's gathered rows (queries x k
+# x D, about four such tensors at once). Chunks shrink to respect them.
 _SCORE_BUDGET = 1 << 23
-_GATHER_BUDGET = 1 << 24
+_GATHER_BUDGET = 1 << 21
 
 
 def _key_range(
@@ -137,23 +138,19 @@ class _TopKAttention(torch.autograd.Function):
         n_forced = sink_tokens + local_window
         kk = min(k + n_forced, lk)
         offset = lk - lq  # queries are the last lq positions (bottom-right causal alignment)
-        chunk = max(
-            1,
-            min(
-                chunk_size,
-                _SCORE_BUDGET // max(1, b * hkv * g * lk),
-                _GATHER_BUDGET // max(1, b * hkv * g * kk * max(d, dv)),
-            ),
-        )
+        # The fused path (no mask, sinks, window or softcap) never materialises a score block.
+        fused = mask is None and not n_forced and softcap is None
+        chunk = chunk_size if fused else max(1, min(chunk_size, _SCORE_BUDGET // max(1, b * hkv * g * lk)))
 
         acc = torch.promote_types(q.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
         k32, v32 = key.to(acc), value.to(acc)
         out = torch.zeros(b, hkv, g, lq, dv, dtype=acc, device=device)
-        idx_all = torch.zeros(b, hkv, g, lq, kk, dtype=torch.int64, device=device)
+        # int32 halves the saved state; key indices stay far below 2**31
+        idx_all = torch.zeros(b, hkv, g, lq, kk, dtype=torch.int32, device=device)
         p_all = torch.zeros(b, hkv, g, lq, kk, dtype=acc, device=device)
         drop_all = torch.ones(b, hkv, g, lq, kk, dtype=torch.bool, device=device) if dropout > 0 else None
         s_all = torch.zeros_like(p_all) if softcap is not None else None
-        buffer = None  # score block, allocated once if a chunk leaves the fused path
+        buffer = None  # score block, grown as needed by chunks that leave the fused path
         ranges = []
         for q0 in range(0, lq, chunk):
             q1 = min(q0 + chunk, lq)
@@ -169,14 +166,14 @@ class _TopKAttention(torch.autograd.Function):
             if mask is None and causal and take < n:  # selection stops at each row's causal limit
                 row_end = (torch.arange(c, device=device) + (q0 + offset + 1 - lo)).clamp(max=n)
                 row_end = row_end.expand(b, hkv, g, c).reshape(-1)  # one per score row
-            if mask is None and not n_forced and softcap is None and take < n:  # the hot path
+            if fused and take < n:
                 sel, pos = scores_topk(
                     qc.view(b * hkv, g * c, d), k32[:, :, lo:hi].reshape(b * hkv, n, d), take, row_end
                 )
                 sel, pos = sel.view(b, hkv, g, c, take), pos.view(b, hkv, g, c, take)
             else:
-                if buffer is None:
-                    buffer = torch.empty(b * hkv * g * chunk * lk, dtype=acc, device=device)  # reused
+                if buffer is None or buffer.numel() < b * hkv * g * c * n:
+                    buffer = torch.empty(b * hkv * g * c * n, dtype=acc, device=device)  # reused
                 s = buffer[: b * hkv * g * c * n].view(b, hkv, g * c, n)
                 torch.matmul(qc, k32[:, :, lo:hi].transpose(-1, -2), out=s)  # (B, Hkv, G*C, L)
                 if softcap is not None:
@@ -217,14 +214,14 @@ class _TopKAttention(torch.autograd.Function):
                 s_all[:, :, :, q0:q1, :take] = torch.where(keep, vals, torch.zeros_like(vals))
 
         ctx.save_for_backward(q, key, value, idx_all, p_all, drop_all, s_all)
-        ctx.meta = (scale, softcap, dropout, chunk, ranges)
+        ctx.meta = (scale, softcap, dropout, ranges)
         ctx.mark_non_differentiable(idx_all, p_all)
         return out, idx_all, p_all
 
     @staticmethod
     def backward(ctx, d_out, _d_idx, _d_p):
         q, key, value, idx_all, p_all, drop_all, s_all = ctx.saved_tensors
-        scale, softcap, dropout, _, ranges = ctx.meta
+        scale, softcap, dropout, ranges = ctx.meta
         b, hkv, g, _, d = q.shape
         dv = value.shape[-1]
         acc = p_all.dtype
@@ -233,13 +230,16 @@ class _TopKAttention(torch.autograd.Function):
         dk = torch.zeros(key.shape, dtype=acc, device=q.device)
         dvv = torch.zeros(value.shape, dtype=acc, device=q.device)
         d_out = d_out.to(acc)
-        for q0, q1, lo, hi in ranges:
+        step = max(1, _GATHER_BUDGET // max(1, b * hkv * g * idx_all.shape[-1] * max(d, dv)))
+        # each forward chunk's key range [lo, hi), cut into backward chunks of `step` queries
+        pieces = [(s0, min(s0 + step, q1), lo, hi) for q0, q1, lo, hi in ranges for s0 in range(q0, q1, step)]
+        for q0, q1, lo, hi in pieces:
             n = hi - lo
             if n == 0:
                 continue
             c = q1 - q0
             take = min(idx_all.shape[-1], n)
-            pos = idx_all[:, :, :, q0:q1, :take] - lo  # (B, Hkv, G, C, take)
+            pos = idx_all[:, :, :, q0:q1, :take].long() - lo  # (B, Hkv, G, C, take)
             p = p_all[:, :, :, q0:q1, :take]
             keep_scale = drop_all[:, :, :, q0:q1, :take] / (1 - dropout) if drop_all is not None else None
             pw = p * keep_scale if keep_scale is not None else p
@@ -395,5 +395,5 @@ def topk_attention(
     if not return_weights:
         return out, None
     weights = torch.zeros(b, hkv, g, lq, key.shape[2], dtype=p.dtype, device=query.device)
-    weights.scatter_add_(-1, idx, p)
+    weights.scatter_add_(-1, idx.long(), p)
     return out, weights.view(b, hq, lq, -1)
