@@ -27,7 +27,7 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: setup
-	$(PY) evals/speed.py
+	$(PY) evals/speed.py --repeats 5
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
