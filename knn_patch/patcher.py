@@ -21,6 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.utils import logging
 
 from .config import KNNConfig
+from .loading import load_model
 from .registry import get_backend, install
 
 logger = logging.get_logger("knn_patch")
@@ -30,19 +31,9 @@ CONFIG_KEY = "knn_attention"
 # Families checked in this project's tests; any other family whose attention modules dispatch
 # through transformers' AttentionInterface works the same way.
 TESTED_FAMILIES = (
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2",
-    "qwen3",
-    "gpt2",
-    "gpt_neox",
-    "phi3",
-    "gemma2",
-    "gemma3_text",
-    "olmo2",
-    "starcoder2",
-)
+    "gemma2", "gemma3_text", "gpt2", "gpt_neox", "granite", "llama", "mistral", "mixtral", "olmo2", "opt",
+    "phi", "phi3", "qwen2", "qwen3", "qwen3_moe", "smollm3", "starcoder2",
+)  # fmt: skip
 
 
 class UnsupportedModelError(TypeError):
@@ -189,8 +180,6 @@ def from_pretrained(path_or_id: str, config: KNNConfig | None = None, **kwargs: 
     `knn_patch.load_model` (dtype, device_map, ...). A plain transformers load of the same folder
     gives the dense model: the `knn_attention` entry is kept on its config but does nothing.
     """
-    from .loading import load_model
-
     model = load_model(path_or_id, **kwargs)
     saved = getattr(model.config, CONFIG_KEY, None)
     if config is None and saved is not None:

@@ -20,13 +20,19 @@ def model_and_ids():
 
 
 def test_k_at_least_n_equals_sdpa_on_256_tokens(model_and_ids):
+    """Over 30 fp32 layers rounding differs by ~1e-4 between any two kernels, so the bar is the
+    flash-attention one: kNN's error against a float64 reference is at most 2x SDPA's."""
     model, ids = model_and_ids
     assert ids.shape[1] == 256
     with torch.no_grad():
         dense = model(input_ids=ids).logits
         with knn_patch.patched(model, k=256):
             knn = model(input_ids=ids).logits
-    torch.testing.assert_close(knn, dense, rtol=0, atol=1e-4)
+        exact = model.double()(input_ids=ids).logits
+        model.float()  # fp32 -> fp64 -> fp32 is lossless
+    sdpa_error = (dense.double() - exact).abs().max()
+    assert (knn.double() - exact).abs().max() <= 2 * sdpa_error
+    assert sdpa_error < 1e-3
     assert torch.equal(knn.argmax(-1), dense.argmax(-1))
 
 

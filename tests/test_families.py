@@ -5,6 +5,7 @@ import torch
 from tiny_models import FAMILIES, tiny_model
 
 import knn_patch
+from knn_patch.patcher import TESTED_FAMILIES
 
 
 def batch(seed=0, length=24, pad=6):
@@ -24,6 +25,10 @@ def logits_and_grads(model, ids, mask):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.detach()[keep], grads
+
+
+def test_error_messages_name_exactly_the_families_tested_here():
+    assert sorted(TESTED_FAMILIES) == sorted(FAMILIES)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
