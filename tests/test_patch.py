@@ -125,3 +125,27 @@ def test_unsupported_family_is_named(family, kwargs):
 def test_non_model_objects_are_rejected(thing):
     with pytest.raises(TypeError, match="PreTrainedModel"):
         knn_patch.patch(thing, k=4)
+
+
+def test_backends_are_added_by_name_without_touching_the_patcher():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def mirror(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, knn_config, **kwargs):
+        calls.append(knn_config.backend_options["tag"])
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    def validate(options):
+        if set(options) != {"tag"}:
+            raise ValueError(f"KNNConfig.backend_options must be {{'tag': ...}}, got {dict(options)}")
+
+    knn_patch.register_backend("mirror", mirror, validate_options=validate)
+    assert "mirror" in knn_patch.available_backends()
+    with pytest.raises(ValueError, match="backend_options"):
+        KNNConfig(backend="mirror")
+    model = tiny_model("llama")
+    before = logits(model)
+    knn_patch.patch(model, backend="mirror", backend_options={"tag": "x"})
+    assert model.config._attn_implementation == "knn_mirror"
+    assert torch.equal(logits(model), before) and calls == ["x", "x"]  # one call per layer
