@@ -1,28 +1,18 @@
-"""`knn-patch` command line: `demo` (dense against kNN perplexity), `bench` (kernel speed), `prepare`."""
+"""`knn-patch` command line: `demo` and `eval` (dense against kNN perplexity), `bench`, `prepare`."""
 
 from __future__ import annotations
 
 import argparse
-import math
-import platform
 import sys
-import time
-from pathlib import Path
 
 import torch
-import transformers
-from rich.console import Console
-from rich.table import Table
-from tqdm.auto import tqdm
 
-from . import __version__
 from .assets import bundled_corpus_dir
 from .config import KNNConfig
-from .io import write_json_atomic
+from .data import load_documents, tokenize_documents
+from .evaluation import ensure_writable, environment, evaluate_perplexity, print_report, write_report
 from .kernels.select import extension_available
-from .loading import load_default
-from .patcher import patched
-from .perplexity import document_nll, windows
+from .loading import load_default, load_model, load_tokenizer
 
 
 def _long_document(tokenizer, n_tokens: int) -> tuple[str, torch.Tensor]:
@@ -36,62 +26,54 @@ def _long_document(tokenizer, n_tokens: int) -> tuple[str, torch.Tensor]:
 
 def demo(args: argparse.Namespace) -> dict:
     """Perplexity of the embedded model on one long bundled document, dense against kNN at several k."""
-    console = Console()
     model, tokenizer = load_default()
     name, ids = _long_document(tokenizer, args.tokens)
-    configs = [None] + [KNNConfig(k=k.strip(), chunk_size=args.chunk_size) for k in args.k.split(",")]
-    n_windows = len(list(windows(len(ids), args.max_length, args.stride)))
-    console.print(f"{name}: {len(ids)} tokens, windows of {args.max_length} moved by {args.stride}")
-    rows = []
-    with tqdm(total=n_windows * len(configs), desc="windows", unit="win") as bar:
-        for config in configs:
-            start = time.perf_counter()
-            if config is None:
-                nll, count = document_nll(model, ids, args.max_length, args.stride, progress=bar)
-            else:
-                with patched(model, config):
-                    nll, count = document_nll(model, ids, args.max_length, args.stride, progress=bar)
-            rows.append(
-                {
-                    "setting": "dense" if config is None else f"knn k={config.k}",
-                    "k": None if config is None else config.resolve_k(args.max_length),
-                    "nll": nll,
-                    "tokens": count,
-                    "perplexity": math.exp(nll / count),
-                    "seconds": time.perf_counter() - start,
-                }
-            )
-    dense = rows[0]["perplexity"]
-    table = Table(title=f"SmolLM2-135M-Instruct on {name} ({len(ids)} tokens, max_length {args.max_length})")
-    for col in ("setting", "k", "keys % of window", "perplexity", "ratio to dense", "tokens", "seconds"):
-        table.add_column(col, justify="left" if col == "setting" else "right")
-    for r in rows:
-        keys = "100" if r["k"] is None else f"{100 * min(r['k'], args.max_length) / args.max_length:.1f}"
-        table.add_row(
-            r["setting"],
-            "all" if r["k"] is None else str(r["k"]),
-            keys,
-            f"{r['perplexity']:.3f}",
-            f"{r['perplexity'] / dense:.3f}x",
-            str(r["tokens"]),
-            f"{r['seconds']:.1f}",
+    configs = [KNNConfig(k=k.strip(), chunk_size=args.chunk_size) for k in args.k.split(",")]
+    out = ensure_writable(args.out)
+    result = evaluate_perplexity(
+        model, [(name, ids.tolist())], configs, max_length=args.max_length, stride=args.stride
+    )
+    result.update(model="embedded SmolLM2-135M-Instruct", args=vars(args), environment=environment())
+    print_report(result, f"SmolLM2-135M-Instruct on {name} ({len(ids)} tokens, max_length {args.max_length})")
+    paths = write_report(result, out, "demo")
+    print(f"wrote {paths['json']} and {paths['png']}")
+    return result
+
+
+def eval_(args: argparse.Namespace) -> dict:
+    """Long-context perplexity of a model on a corpus, dense against kNN settings on the same windows."""
+    out = ensure_writable(args.out)  # fail before the long work, not after it
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    docs = load_documents(args.dataset, config=args.dataset_config, split=args.split, column=args.column)
+    docs, skipped = tokenize_documents(
+        docs, tokenizer, min_tokens=args.min_tokens, max_tokens=args.max_tokens
+    )
+    if args.max_docs is not None:
+        docs = docs.select(range(min(args.max_docs, len(docs))))
+    configs = [
+        KNNConfig(
+            k=k.strip(),
+            backend=args.backend,
+            sink_tokens=args.sink_tokens,
+            local_window=args.local_window,
+            chunk_size=args.chunk_size,
         )
-    console.print(table)
-    result = {
-        "document": name,
-        "args": vars(args),
-        "rows": rows,
-        "environment": {
-            "knn_patch": __version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-        },
-    }
-    path = write_json_atomic(Path(args.out) / "demo.json", result)
-    console.print(f"wrote {path}")
+        for k in args.k.split(",")
+    ]
+    stride = args.stride or args.max_length
+    result = evaluate_perplexity(
+        model,
+        list(zip(docs["name"], docs["input_ids"], strict=True)),
+        configs,
+        max_length=args.max_length,
+        stride=stride,
+    )
+    result.update(skipped_documents=skipped, args=vars(args), environment=environment())
+    print_report(
+        result, f"{args.model} on {args.dataset}: {len(docs)} documents, max_length {args.max_length}"
+    )
+    paths = write_report(result, out)
+    print(f"wrote {paths['json']} and {paths['png']}")
     return result
 
 
@@ -118,6 +100,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--out", default="outputs/demo")
     p.set_defaults(func=demo)
+    p = sub.add_parser("eval", help=eval_.__doc__)
+    p.add_argument(
+        "--model", default="default", help="'default' (embedded SmolLM2), a local folder or a hub id"
+    )
+    p.add_argument(
+        "--dataset", default="bundled", help="'bundled', a .txt file or folder, a .jsonl, or a hub name"
+    )
+    p.add_argument("--dataset-config", default=None, help="hub dataset config, e.g. wikitext-103-raw-v1")
+    p.add_argument("--split", default="test")
+    p.add_argument("--column", default="text", help="text column of a .jsonl or hub dataset")
+    p.add_argument("--max-docs", type=int, default=None, help="the first N documents that pass --min-tokens")
+    p.add_argument("--min-tokens", type=int, default=2, help="skip shorter documents (counted in the report)")
+    p.add_argument("--max-tokens", type=int, default=None, help="cut longer documents")
+    p.add_argument("--max-length", type=int, default=2048, help="window length")
+    p.add_argument("--stride", type=int, default=None, help="window step (default: max-length)")
+    p.add_argument("--k", default="16,64,sqrt,n^0.125", help="comma-separated k values or rules of n")
+    p.add_argument("--backend", default="topk")
+    p.add_argument("--sink-tokens", type=int, default=0)
+    p.add_argument("--local-window", type=int, default=0)
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--out", default="outputs/eval")
+    p.set_defaults(func=eval_)
     p = sub.add_parser("prepare", help=prepare.__doc__)
     p.set_defaults(func=prepare)
     sub.add_parser("bench", help="attention kernel speed and memory against SDPA and eager")

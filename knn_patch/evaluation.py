@@ -1,0 +1,192 @@
+"""Long-context perplexity, dense against kNN settings, on the same token windows in one run.
+
+Every window is scored by the dense model and by each kNN setting before moving on, so all
+settings see exactly the same tokens; per-document NLL sums and token counts are kept, and the
+totals are token-weighted over the whole corpus.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import KNNConfig
+from .io import atomic_write, write_json_atomic
+from .patcher import get_config, patch, unpatch
+from .perplexity import window_nll, windows
+
+DENSE = "dense"
+
+
+def setting_name(config: KNNConfig | None) -> str:
+    return DENSE if config is None else f"{config.backend} k={config.k}"
+
+
+def evaluate_perplexity(
+    model: torch.nn.Module,
+    documents: Sequence[tuple[str, Sequence[int]]],
+    configs: Sequence[KNNConfig],
+    *,
+    max_length: int,
+    stride: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Sliding-window NLL of `documents` ((name, token ids) pairs) for dense and every config.
+
+    The model is left as it was found (patched or not). Returns per-document NLL and token counts
+    for every setting, and token-weighted totals with the ratio to dense.
+    """
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise ValueError(f"max_length={max_length} exceeds the model's {positions} positions; lower it.")
+    if not documents:
+        raise ValueError("No documents to evaluate: check the dataset and --min-tokens.")
+    before = get_config(model)
+    names = [DENSE] + [setting_name(c) for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Settings must differ: {names}")
+    seconds = dict.fromkeys(names, 0.0)
+    per_doc = []
+    plan = [(name, list(windows(len(ids), max_length, stride)), ids) for name, ids in documents]
+    device = next(model.parameters()).device
+    try:
+        with tqdm(
+            total=sum(len(w) for _, w, _ in plan), desc="windows", unit="win", disable=not progress
+        ) as bar:
+            for doc_name, doc_windows, ids in plan:
+                nll = dict.fromkeys(names, 0.0)
+                count = 0
+                for begin, end, first in doc_windows:
+                    window = torch.as_tensor(ids[begin:end], device=device).unsqueeze(0)
+                    for name, config in zip(names, [None, *configs], strict=True):
+                        start = time.perf_counter()
+                        if config is None:
+                            if get_config(model) is not None:
+                                unpatch(model)
+                        else:
+                            patch(model, config)
+                        value, n = window_nll(model, window, first - begin)
+                        seconds[name] += time.perf_counter() - start
+                        nll[name] += value
+                    count += n
+                    bar.update(1)
+                per_doc.append({"name": doc_name, "tokens": count, "nll": nll})
+    finally:
+        if before is None and get_config(model) is not None:
+            unpatch(model)
+        elif before is not None:
+            patch(model, before)
+    tokens = sum(d["tokens"] for d in per_doc)
+    totals = {}
+    for name in names:
+        total = sum(d["nll"][name] for d in per_doc)
+        totals[name] = {
+            "nll": total,
+            "tokens": tokens,
+            "perplexity": math.exp(total / tokens),
+            "seconds": seconds[name],
+        }
+    for name in names:
+        totals[name]["ratio_to_dense"] = totals[name]["perplexity"] / totals[DENSE]["perplexity"]
+    return {
+        "settings": [{"name": DENSE, "config": None}]
+        + [
+            {"name": setting_name(c), "config": c.to_dict(), "k_at_max_length": c.resolve_k(max_length)}
+            for c in configs
+        ],
+        "max_length": max_length,
+        "stride": stride,
+        "documents": per_doc,
+        "totals": totals,
+    }
+
+
+def ensure_writable(out_dir: str | Path) -> Path:
+    """Create `out_dir` and check it can be written, so a long run cannot fail at its very end."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise OSError(
+            f"Output folder {str(out)!r} is not writable ({err.strerror}); pass another --out."
+        ) from err
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts recorded with every result."""
+    return {
+        "knn_patch": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def print_report(result: dict[str, Any], title: str, console: Console | None = None) -> None:
+    """The rich table: setting, backend, k (and % of the window), perplexity, ratio, tokens, seconds."""
+    table = Table(title=title)
+    for col in ("setting", "backend", "k", "keys %", "perplexity", "ratio to dense", "tokens", "seconds"):
+        table.add_column(col, justify="left" if col in ("setting", "backend") else "right")
+    for setting in result["settings"]:
+        total = result["totals"][setting["name"]]
+        k = setting.get("k_at_max_length")
+        config = setting["config"] or {}
+        table.add_row(
+            setting["name"],
+            config.get("backend", "dense"),
+            "all" if k is None else str(k),
+            "100" if k is None else f"{100 * min(k, result['max_length']) / result['max_length']:.1f}",
+            f"{total['perplexity']:.3f}",
+            f"{total['ratio_to_dense']:.3f}x",
+            str(total["tokens"]),
+            f"{total['seconds']:.1f}",
+        )
+    (console or Console()).print(table)
+
+
+def write_report(result: dict[str, Any], out_dir: str | Path, name: str = "perplexity") -> dict[str, Path]:
+    """`<name>.json` and `<name>.png` (ratio to dense against k, log-x, one line per backend), atomically."""
+    out = Path(out_dir)
+    paths = {"json": write_json_atomic(out / f"{name}.json", result), "png": out / f"{name}.png"}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    backends = sorted({s["config"]["backend"] for s in result["settings"] if s["config"]})
+    for backend in backends:
+        points = sorted(
+            (s["k_at_max_length"], result["totals"][s["name"]]["ratio_to_dense"])
+            for s in result["settings"]
+            if s["config"] and s["config"]["backend"] == backend
+        )
+        ax.plot([k for k, _ in points], [r for _, r in points], "o-", label=backend)
+    ax.axhline(1.0, color="gray", linestyle="--", label="dense")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"keys per query k (max_length {result['max_length']})")
+    ax.set_ylabel("perplexity / dense")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    atomic_write(paths["png"], lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+    return paths

@@ -1,0 +1,48 @@
+"""`knn-patch demo` and `knn-patch eval` end to end on the embedded model and bundled corpus."""
+
+import json
+
+import pytest
+
+from knn_patch.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_eval_writes_table_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "eval"
+    main(["eval", "--max-docs", "2", "--min-tokens", "300", "--max-tokens", "300", "--max-length", "128",
+          "--stride", "64", "--k", "4,sqrt", "--out", str(out)])  # fmt: skip
+    result = json.loads((out / "perplexity.json").read_text())
+    assert [s["name"] for s in result["settings"]] == ["dense", "topk k=4", "topk k=sqrt"]
+    assert len(result["documents"]) == 2 and all(d["tokens"] == 299 for d in result["documents"])
+    assert result["totals"]["dense"]["tokens"] == 598 and result["environment"]["torch"]
+    assert (out / "perplexity.png").exists()
+    assert "topk k=4" in capsys.readouterr().out
+
+
+def test_demo_runs_small(tmp_path):
+    main(
+        [
+            "demo",
+            "--tokens",
+            "256",
+            "--max-length",
+            "128",
+            "--stride",
+            "128",
+            "--k",
+            "4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert result["totals"]["dense"]["tokens"] == 254 and result["totals"]["topk k=4"]["ratio_to_dense"] > 0
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match="not writable"):
+        main(["eval", "--out", str(blocker / "out")])

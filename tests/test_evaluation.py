@@ -1,0 +1,71 @@
+"""Dense against kNN on the same windows: totals, exact counts, restored model state, reports."""
+
+import json
+import math
+
+import pytest
+import torch
+from rich.console import Console
+from tiny_models import tiny_model
+
+import knn_patch
+from knn_patch import KNNConfig
+from knn_patch.evaluation import evaluate_perplexity, print_report, write_report
+from knn_patch.perplexity import document_nll
+
+
+@pytest.fixture(scope="module")
+def docs():
+    gen = torch.Generator().manual_seed(0)
+    return [
+        ("a", torch.randint(3, 128, (40,), generator=gen).tolist()),
+        ("b", torch.randint(3, 128, (17,), generator=gen).tolist()),
+    ]
+
+
+def test_dense_totals_match_the_per_document_computation_and_k_at_least_n_matches_dense(docs):
+    model = tiny_model("llama")
+    result = evaluate_perplexity(
+        model, docs, [KNNConfig(k=16), KNNConfig(k=2)], max_length=16, stride=8, progress=False
+    )
+    want = [document_nll(model, torch.tensor(ids), 16, 8) for _, ids in docs]
+    assert [d["tokens"] for d in result["documents"]] == [n for _, n in want] == [39, 16]
+    dense = result["totals"]["dense"]
+    assert dense["tokens"] == 55 and dense["nll"] == pytest.approx(sum(v for v, _ in want), rel=1e-6)
+    assert dense["perplexity"] == pytest.approx(math.exp(dense["nll"] / 55))
+    assert result["totals"]["topk k=16"]["nll"] == pytest.approx(dense["nll"], rel=1e-6)  # k >= max_length
+    assert result["totals"]["topk k=2"]["ratio_to_dense"] != 1.0
+    assert not knn_patch.is_patched(model), "the model is left as it was found"
+
+
+def test_a_patched_model_keeps_its_config(docs):
+    model = knn_patch.patch(tiny_model("llama"), k=5)
+    evaluate_perplexity(model, docs[:1], [KNNConfig(k=2)], max_length=16, stride=16, progress=False)
+    assert knn_patch.get_config(model) == KNNConfig(k=5)
+
+
+def test_bad_input_is_rejected_early(docs):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="positions"):
+        evaluate_perplexity(model, docs, [], max_length=10_000, stride=16, progress=False)
+    with pytest.raises(ValueError, match="No documents"):
+        evaluate_perplexity(model, [], [], max_length=16, stride=16, progress=False)
+    with pytest.raises(ValueError, match="differ"):
+        evaluate_perplexity(
+            model, docs, [KNNConfig(k=2), KNNConfig(k=2)], max_length=16, stride=16, progress=False
+        )
+
+
+def test_reports(docs, tmp_path):
+    model = tiny_model("llama")
+    result = evaluate_perplexity(
+        model, docs, [KNNConfig(k=2), KNNConfig(k="sqrt")], max_length=16, stride=16, progress=False
+    )
+    console = Console(record=True, width=140)
+    print_report(result, "tiny", console=console)
+    text = console.export_text()
+    assert "dense" in text and "topk k=sqrt" in text and "ratio to dense" in text
+    paths = write_report(result, tmp_path / "out")
+    assert json.loads(paths["json"].read_text())["totals"].keys() == result["totals"].keys()
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["perplexity.json", "perplexity.png"]
