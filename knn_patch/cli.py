@@ -70,7 +70,8 @@ def eval_(args: argparse.Namespace) -> dict:
     )
     result.update(skipped_documents=skipped, args=vars(args), environment=environment())
     print_report(
-        result, f"{args.model} on {args.dataset}: {len(docs)} documents, max_length {args.max_length}"
+        result,
+        f"{args.model} on {args.dataset}: {len(docs)} documents, {args.mode}, max_length {args.max_length}",
     )
     paths = write_report(result, out)
     print(f"wrote {paths['json']} and {paths['png']}")
@@ -116,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-length", type=int, default=2048, help="window length")
     p.add_argument("--stride", type=int, default=None, help="window step (default: max-length)")
     p.add_argument("--k", default="16,64,sqrt,n^0.125", help="comma-separated k values or rules of n")
+    p.add_argument(
+        "--mode", choices=("sliding", "decode"), default="sliding", help="see knn_patch.evaluation"
+    )
+    p.add_argument("--dense-prefill", action="store_true", help="decode mode: prefill with dense attention")
     p.add_argument("--backend", default="topk")
     p.add_argument("--sink-tokens", type=int, default=0)
     p.add_argument("--local-window", type=int, default=0)

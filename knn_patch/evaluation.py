@@ -34,6 +34,40 @@ def setting_name(config: KNNConfig | None) -> str:
     return DENSE if config is None else f"{config.backend} k={config.k}"
 
 
+MODES = ("sliding", "decode")
+
+
+def _use(model: torch.nn.Module, config: KNNConfig | None) -> None:
+    """Put the model in dense (None) or kNN attention with `config`."""
+    if config is not None:
+        patch(model, config)
+    elif get_config(model) is not None:
+        unpatch(model)
+
+
+@torch.no_grad()
+def decode_window_nll(
+    model: torch.nn.Module,
+    window: torch.Tensor,
+    first: int,
+    config: KNNConfig | None,
+    prefill_config: KNNConfig | None,
+) -> tuple[float, int]:
+    """NLL of the tokens at positions >= first of a (1, L) window, as generation sees them: the
+    prefix [0, first) is prefilled with `prefill_config`, then each token goes through the KV cache
+    alone (one query against the whole cache) with `config`. None means dense attention."""
+    _use(model, prefill_config)
+    out = model(input_ids=window[:, :first], use_cache=True)
+    logits = [out.logits[0, -1]]
+    _use(model, config)
+    for t in range(first, window.shape[1] - 1):
+        out = model(input_ids=window[:, t : t + 1], cache=out.cache, use_cache=True)
+        logits.append(out.logits[0, -1])
+    targets = window[0, first:]
+    nll = torch.nn.functional.cross_entropy(torch.stack(logits).float(), targets, reduction="sum")
+    return float(nll), int(targets.numel())
+
+
 def evaluate_perplexity(
     model: torch.nn.Module,
     documents: Sequence[tuple[str, Sequence[int]]],
@@ -41,13 +75,20 @@ def evaluate_perplexity(
     *,
     max_length: int,
     stride: int,
+    mode: str = "sliding",
+    dense_prefill: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Sliding-window NLL of `documents` ((name, token ids) pairs) for dense and every config.
+    """NLL of `documents` ((name, token ids) pairs) for dense and every config, window by window.
 
-    The model is left as it was found (patched or not). Returns per-document NLL and token counts
-    for every setting, and token-weighted totals with the ratio to dense.
+    `mode="sliding"` scores each window in one forward pass; `mode="decode"` prefills each window's
+    unscored prefix and then scores token by token through the KV cache, as in generation (the
+    prefill is kNN too unless `dense_prefill`). The model is left as it was found (patched or not).
+    Returns per-document NLL and token counts for every setting, and token-weighted totals with the
+    ratio to dense.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is invalid: use one of {MODES}.")
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and max_length > positions:
         raise ValueError(f"max_length={max_length} exceeds the model's {positions} positions; lower it.")
@@ -72,22 +113,19 @@ def evaluate_perplexity(
                     window = torch.as_tensor(ids[begin:end], device=device).unsqueeze(0)
                     for name, config in zip(names, [None, *configs], strict=True):
                         start = time.perf_counter()
-                        if config is None:
-                            if get_config(model) is not None:
-                                unpatch(model)
+                        if mode == "decode":
+                            prefill = None if dense_prefill else config
+                            value, n = decode_window_nll(model, window, first - begin, config, prefill)
                         else:
-                            patch(model, config)
-                        value, n = window_nll(model, window, first - begin)
+                            _use(model, config)
+                            value, n = window_nll(model, window, first - begin)
                         seconds[name] += time.perf_counter() - start
                         nll[name] += value
                     count += n
                     bar.update(1)
                 per_doc.append({"name": doc_name, "tokens": count, "nll": nll})
     finally:
-        if before is None and get_config(model) is not None:
-            unpatch(model)
-        elif before is not None:
-            patch(model, before)
+        _use(model, before)
     tokens = sum(d["tokens"] for d in per_doc)
     totals = {}
     for name in names:
@@ -108,6 +146,8 @@ def evaluate_perplexity(
         ],
         "max_length": max_length,
         "stride": stride,
+        "mode": mode,
+        "dense_prefill": dense_prefill,
         "documents": per_doc,
         "totals": totals,
     }

@@ -69,3 +69,30 @@ def test_reports(docs, tmp_path):
     assert json.loads(paths["json"].read_text())["totals"].keys() == result["totals"].keys()
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["perplexity.json", "perplexity.png"]
+
+
+def test_decode_mode_equals_sliding_mode(docs):
+    """Exact top-k is per query and causal, so token-by-token decoding through the cache scores
+    exactly what one sliding forward scores, dense or kNN; only a dense prefill changes kNN."""
+    model = tiny_model("llama")
+    configs = [KNNConfig(k=16), KNNConfig(k=2)]
+    sliding = evaluate_perplexity(model, docs, configs, max_length=16, stride=8, progress=False)
+    decode = evaluate_perplexity(model, docs, configs, max_length=16, stride=8, mode="decode", progress=False)
+    for name in ("dense", "topk k=16"):  # k >= max_length: kNN decode is dense decode
+        assert decode["totals"][name]["tokens"] == sliding["totals"][name]["tokens"] == 55
+        assert decode["totals"][name]["nll"] == pytest.approx(sliding["totals"]["dense"]["nll"], rel=1e-5)
+    assert decode["mode"] == "decode"
+    assert decode["totals"]["topk k=2"]["nll"] == pytest.approx(
+        sliding["totals"]["topk k=2"]["nll"], rel=1e-5
+    )
+
+
+def test_dense_prefill_changes_only_the_prefix_attention(docs):
+    model = tiny_model("llama")
+    args = dict(max_length=16, stride=4, mode="decode", progress=False)
+    knn_prefill = evaluate_perplexity(model, docs, [KNNConfig(k=2)], **args)
+    dense_prefill = evaluate_perplexity(model, docs, [KNNConfig(k=2)], dense_prefill=True, **args)
+    assert dense_prefill["totals"]["dense"]["nll"] == pytest.approx(knn_prefill["totals"]["dense"]["nll"])
+    assert dense_prefill["totals"]["topk k=2"]["nll"] != knn_prefill["totals"]["topk k=2"]["nll"]
+    with pytest.raises(ValueError, match="mode"):
+        evaluate_perplexity(model, docs, [], max_length=16, stride=4, mode="greedy", progress=False)
