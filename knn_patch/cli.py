@@ -6,6 +6,7 @@ import argparse
 import sys
 
 import torch
+from accelerate import PartialState
 
 from .assets import bundled_corpus_dir
 from .config import KNNConfig
@@ -43,7 +44,8 @@ def demo(args: argparse.Namespace) -> dict:
 def eval_(args: argparse.Namespace) -> dict:
     """Long-context perplexity of a model on a corpus, dense against kNN settings on the same windows."""
     out = ensure_writable(args.out)  # fail before the long work, not after it
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of torchrun's
+    model, tokenizer = load_model(args.model).to(state.device), load_tokenizer(args.model)
     docs = load_documents(args.dataset, config=args.dataset_config, split=args.split, column=args.column)
     docs, skipped = tokenize_documents(
         docs, tokenizer, min_tokens=args.min_tokens, max_tokens=args.max_tokens
@@ -67,8 +69,14 @@ def eval_(args: argparse.Namespace) -> dict:
         configs,
         max_length=args.max_length,
         stride=stride,
+        mode=args.mode,
+        dense_prefill=args.dense_prefill,
+        state=state,
     )
-    result.update(skipped_documents=skipped, args=vars(args), environment=environment())
+    result.update(skipped_documents=skipped, processes=state.num_processes, args=vars(args))
+    result.update(environment=environment())
+    if not state.is_main_process:  # only the main process reports and writes
+        return result
     print_report(
         result,
         f"{args.model} on {args.dataset}: {len(docs)} documents, {args.mode}, max_length {args.max_length}",

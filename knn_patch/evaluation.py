@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 import transformers
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
@@ -78,6 +80,7 @@ def evaluate_perplexity(
     mode: str = "sliding",
     dense_prefill: bool = False,
     progress: bool = True,
+    state: PartialState | None = None,
 ) -> dict[str, Any]:
     """NLL of `documents` ((name, token ids) pairs) for dense and every config, window by window.
 
@@ -86,6 +89,10 @@ def evaluate_perplexity(
     prefill is kNN too unless `dense_prefill`). The model is left as it was found (patched or not).
     Returns per-document NLL and token counts for every setting, and token-weighted totals with the
     ratio to dense.
+
+    Under several processes (`state`, an Accelerate `PartialState`, e.g. from `torchrun` or
+    `accelerate launch`), documents are dealt round-robin to the processes and the per-document
+    sums are gathered, so every process returns the totals of a one-process run.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is invalid: use one of {MODES}.")
@@ -100,13 +107,17 @@ def evaluate_perplexity(
         raise ValueError(f"Settings must differ: {names}")
     seconds = dict.fromkeys(names, 0.0)
     per_doc = []
-    plan = [(name, list(windows(len(ids), max_length, stride)), ids) for name, ids in documents]
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    plan = [
+        (i, name, list(windows(len(ids), max_length, stride)), ids)
+        for i, (name, ids) in enumerate(documents)
+        if i % world == rank
+    ]
     device = next(model.parameters()).device
     try:
-        with tqdm(
-            total=sum(len(w) for _, w, _ in plan), desc="windows", unit="win", disable=not progress
-        ) as bar:
-            for doc_name, doc_windows, ids in plan:
+        total_windows = sum(len(w) for _, _, w, _ in plan)
+        with tqdm(total=total_windows, desc="windows", unit="win", disable=not progress or rank != 0) as bar:
+            for index, doc_name, doc_windows, ids in plan:
                 nll = dict.fromkeys(names, 0.0)
                 count = 0
                 for begin, end, first in doc_windows:
@@ -123,9 +134,12 @@ def evaluate_perplexity(
                         nll[name] += value
                     count += n
                     bar.update(1)
-                per_doc.append({"name": doc_name, "tokens": count, "nll": nll})
+                per_doc.append({"index": index, "name": doc_name, "tokens": count, "nll": nll})
     finally:
         _use(model, before)
+    if world > 1:
+        per_doc = sorted(gather_object(per_doc), key=lambda d: d["index"])
+        seconds = {name: sum(s[name] for s in gather_object([seconds])) for name in names}
     tokens = sum(d["tokens"] for d in per_doc)
     totals = {}
     for name in names:

@@ -46,3 +46,11 @@ def test_unwritable_output_fails_before_any_work(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(OSError, match="not writable"):
         main(["eval", "--out", str(blocker / "out")])
+
+
+def test_eval_decode_mode_with_dense_prefill(tmp_path):
+    main(["eval", "--max-docs", "1", "--min-tokens", "100", "--max-tokens", "100", "--max-length", "64",
+          "--k", "4", "--mode", "decode", "--dense-prefill", "--out", str(tmp_path)])  # fmt: skip
+    result = json.loads((tmp_path / "perplexity.json").read_text())
+    assert result["mode"] == "decode" and result["dense_prefill"] is True
+    assert result["totals"]["dense"]["tokens"] == 98
