@@ -16,23 +16,22 @@ from .kernels.select import extension_available
 from .loading import load_default, load_model, load_tokenizer
 
 
-def _long_document(tokenizer, n_tokens: int) -> tuple[str, torch.Tensor]:
+def _long_document(tokenizer, n_tokens: int) -> tuple[str, list[int]]:
     """The first bundled speech (by file name) with at least `n_tokens` tokens, cut to that length."""
-    for path in sorted(bundled_corpus_dir().glob("*.txt")):
-        ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-        if len(ids) >= n_tokens:
-            return path.name, ids[:n_tokens]
-    raise ValueError(f"No bundled document has {n_tokens} tokens; lower --tokens.")
+    docs, _ = tokenize_documents(load_documents(), tokenizer, min_tokens=n_tokens, max_tokens=n_tokens)
+    if len(docs) == 0:
+        raise ValueError(f"No bundled document has {n_tokens} tokens; lower --tokens.")
+    return docs[0]["name"], docs[0]["input_ids"]
 
 
 def demo(args: argparse.Namespace) -> dict:
     """Perplexity of the embedded model on one long bundled document, dense against kNN at several k."""
+    out = ensure_writable(args.out)  # fail before the long work, not after it
+    configs = [KNNConfig(k=k.strip(), chunk_size=args.chunk_size) for k in args.k.split(",")]
     model, tokenizer = load_default()
     name, ids = _long_document(tokenizer, args.tokens)
-    configs = [KNNConfig(k=k.strip(), chunk_size=args.chunk_size) for k in args.k.split(",")]
-    out = ensure_writable(args.out)
     result = evaluate_perplexity(
-        model, [(name, ids.tolist())], configs, max_length=args.max_length, stride=args.stride
+        model, [(name, ids)], configs, max_length=args.max_length, stride=args.stride
     )
     result.update(model="embedded SmolLM2-135M-Instruct", args=vars(args), environment=environment())
     print_report(result, f"SmolLM2-135M-Instruct on {name} ({len(ids)} tokens, max_length {args.max_length})")

@@ -9,7 +9,6 @@ scored. Unlike the docs' loop, the count is exact: a document of n tokens scores
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 
@@ -39,17 +38,13 @@ def window_nll(model: torch.nn.Module, input_ids: torch.Tensor, first_scored: in
 
 
 def document_nll(
-    model: torch.nn.Module, input_ids: torch.Tensor, max_length: int, stride: int, progress: Any = None
+    model: torch.nn.Module, input_ids: torch.Tensor, max_length: int, stride: int
 ) -> tuple[float, int]:
-    """Summed NLL and scored-token count of one document (1-D token ids) by sliding windows.
-
-    `progress` (a tqdm bar) is advanced once per window."""
+    """Summed NLL and scored-token count of one document (1-D token ids) by sliding windows."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for begin, end, first in windows(len(input_ids), max_length, stride):
         window = input_ids[begin:end].unsqueeze(0).to(device)
         nll, n = window_nll(model, window, first - begin)
         total, count = total + nll, count + n
-        if progress is not None:
-            progress.update(1)
     return total, count
