@@ -16,32 +16,10 @@ from .kernels.select import extension_available
 from .loading import load_default, load_model, load_tokenizer
 
 
-def _long_document(tokenizer, n_tokens: int) -> tuple[str, list[int]]:
-    """The first bundled speech (by file name) with at least `n_tokens` tokens, cut to that length."""
-    docs, _ = tokenize_documents(load_documents(), tokenizer, min_tokens=n_tokens, max_tokens=n_tokens)
-    if len(docs) == 0:
-        raise ValueError(f"No bundled document has {n_tokens} tokens; lower --tokens.")
-    return docs[0]["name"], docs[0]["input_ids"]
-
-
-def demo(args: argparse.Namespace) -> dict:
-    """Perplexity of the embedded model on one long bundled document, dense against kNN at several k."""
-    out = ensure_writable(args.out)  # fail before the long work, not after it
-    configs = [KNNConfig(k=k.strip(), chunk_size=args.chunk_size) for k in args.k.split(",")]
-    model, tokenizer = load_default()
-    name, ids = _long_document(tokenizer, args.tokens)
-    result = evaluate_perplexity(
-        model, [(name, ids)], configs, max_length=args.max_length, stride=args.stride
-    )
-    result.update(model="embedded SmolLM2-135M-Instruct", args=vars(args), environment=environment())
-    print_report(result, f"SmolLM2-135M-Instruct on {name} ({len(ids)} tokens, max_length {args.max_length})")
-    paths = write_report(result, out, "demo")
-    print(f"wrote {paths['json']} and {paths['png']}")
-    return result
-
-
 def eval_(args: argparse.Namespace) -> dict:
-    """Long-context perplexity of a model on a corpus, dense against kNN settings on the same windows."""
+    """Long-context perplexity of a model on a corpus, dense against kNN settings on the same windows.
+
+    `demo` is this command with defaults for the embedded model on bundled speeches."""
     out = ensure_writable(args.out)  # fail before the long work, not after it
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of torchrun's
     model, tokenizer = load_model(args.model).to(state.device), load_tokenizer(args.model)
@@ -70,18 +48,21 @@ def eval_(args: argparse.Namespace) -> dict:
         stride=stride,
         mode=args.mode,
         dense_prefill=args.dense_prefill,
+        score_from=args.score_from,
         state=state,
     )
     result.update(skipped_documents=skipped, processes=state.num_processes, args=vars(args))
     result.update(environment=environment())
     if not state.is_main_process:  # only the main process reports and writes
         return result
+    model_name = "embedded SmolLM2-135M-Instruct" if args.model == "default" else args.model
     print_report(
         result,
-        f"{args.model} on {args.dataset}: {len(docs)} documents, {args.mode}, max_length {args.max_length}",
+        f"{model_name} on {args.dataset}: {len(docs)} documents, {result['totals']['dense']['tokens']} "
+        f"tokens scored, {args.mode}, max_length {args.max_length}",
     )
     paths = write_report(result, out)
-    print(f"wrote {paths['json']} and {paths['png']}")
+    print(f"results in {out}/: {', '.join(p.name for p in paths.values())}")
     return result
 
 
@@ -92,23 +73,9 @@ def prepare(_: argparse.Namespace) -> None:
     print(f"model ready; corpus at {bundled_corpus_dir()}; compiled top-k selection {compiled}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its options are its own: `knn-patch bench --help`
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="knn-patch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help=demo.__doc__)
-    p.add_argument("--k", default="16,32,64,128,sqrt", help="comma-separated k values or rules of n")
-    p.add_argument("--tokens", type=int, default=8192, help="document length used")
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--stride", type=int, default=2048)
-    p.add_argument("--chunk-size", type=int, default=512)
-    p.add_argument("--out", default="outputs/demo")
-    p.set_defaults(func=demo)
-    p = sub.add_parser("eval", help=eval_.__doc__)
+def _eval_arguments(
+    p: argparse.ArgumentParser, *, max_docs: int | None, min_tokens: int, max_tokens: int | None, out: str
+) -> None:
     p.add_argument(
         "--model", default="default", help="'default' (embedded SmolLM2), a local folder or a hub id"
     )
@@ -118,22 +85,50 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset-config", default=None, help="hub dataset config, e.g. wikitext-103-raw-v1")
     p.add_argument("--split", default="test")
     p.add_argument("--column", default="text", help="text column of a .jsonl or hub dataset")
-    p.add_argument("--max-docs", type=int, default=None, help="the first N documents that pass --min-tokens")
-    p.add_argument("--min-tokens", type=int, default=2, help="skip shorter documents (counted in the report)")
-    p.add_argument("--max-tokens", type=int, default=None, help="cut longer documents")
+    p.add_argument(
+        "--max-docs", type=int, default=max_docs, help="the first N documents that pass --min-tokens"
+    )
+    p.add_argument(
+        "--min-tokens", type=int, default=min_tokens, help="skip shorter documents (counted in the report)"
+    )
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="cut longer documents")
     p.add_argument("--max-length", type=int, default=2048, help="window length")
     p.add_argument("--stride", type=int, default=None, help="window step (default: max-length)")
+    p.add_argument(
+        "--score-from",
+        type=int,
+        default=1,
+        help="score only positions >= this in each document (context before)",
+    )
     p.add_argument("--k", default="16,64,sqrt,n^0.125", help="comma-separated k values or rules of n")
     p.add_argument(
         "--mode", choices=("sliding", "decode"), default="sliding", help="see knn_patch.evaluation"
     )
-    p.add_argument("--dense-prefill", action="store_true", help="decode mode: prefill with dense attention")
+    p.add_argument(
+        "--dense-prefill", action="store_true", help="decode mode: one dense prefill shared by all settings"
+    )
     p.add_argument("--backend", default="topk")
     p.add_argument("--sink-tokens", type=int, default=0)
     p.add_argument("--local-window", type=int, default=0)
     p.add_argument("--chunk-size", type=int, default=512)
-    p.add_argument("--out", default="outputs/eval")
+    p.add_argument(
+        "--out", default=out, help="folder for perplexity.json, perplexity.png and evaluate records"
+    )
     p.set_defaults(func=eval_)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options are its own: `knn-patch bench --help`
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="knn-patch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="the eval command on the embedded model and bundled speeches")
+    _eval_arguments(p, max_docs=12, min_tokens=2048, max_tokens=2048, out="outputs/demo")
+    p = sub.add_parser("eval", help=eval_.__doc__.splitlines()[0])
+    _eval_arguments(p, max_docs=None, min_tokens=2, max_tokens=None, out="outputs/eval")
     p = sub.add_parser("prepare", help=prepare.__doc__)
     p.set_defaults(func=prepare)
     sub.add_parser("bench", help="attention kernel speed and memory against SDPA and eager")

@@ -7,6 +7,7 @@ totals are token-weighted over the whole corpus.
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import tempfile
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import evaluate
 import torch
 import transformers
 from accelerate import PartialState
@@ -48,25 +50,34 @@ def _use(model: torch.nn.Module, config: KNNConfig | None) -> None:
 
 
 @torch.no_grad()
-def decode_window_nll(
+def prefill(
+    model: torch.nn.Module, window: torch.Tensor, first: int, config: KNNConfig | None
+) -> tuple[torch.Tensor, Any]:
+    """Run the prefix [0, first) of a (1, L) window with `config` (None: dense); returns the logits
+    predicting token `first` and the KV cache."""
+    _use(model, config)
+    out = model(input_ids=window[:, :first], use_cache=True)
+    return out.logits[0, -1], out.cache
+
+
+@torch.no_grad()
+def decode_nll(
     model: torch.nn.Module,
     window: torch.Tensor,
     first: int,
     config: KNNConfig | None,
-    prefill_config: KNNConfig | None,
+    logits: torch.Tensor,
+    cache: Any,
 ) -> tuple[float, int]:
-    """NLL of the tokens at positions >= first of a (1, L) window, as generation sees them: the
-    prefix [0, first) is prefilled with `prefill_config`, then each token goes through the KV cache
-    alone (one query against the whole cache) with `config`. None means dense attention."""
-    _use(model, prefill_config)
-    out = model(input_ids=window[:, :first], use_cache=True)
-    logits = [out.logits[0, -1]]
+    """NLL of the tokens at positions >= first of a (1, L) window, as generation sees them: each token
+    goes through the prefilled `cache` alone (one query against the whole cache) with `config`."""
     _use(model, config)
+    step_logits = [logits]
     for t in range(first, window.shape[1] - 1):
-        out = model(input_ids=window[:, t : t + 1], cache=out.cache, use_cache=True)
-        logits.append(out.logits[0, -1])
+        out = model(input_ids=window[:, t : t + 1], cache=cache, use_cache=True)
+        step_logits.append(out.logits[0, -1])
     targets = window[0, first:]
-    nll = torch.nn.functional.cross_entropy(torch.stack(logits).float(), targets, reduction="sum")
+    nll = torch.nn.functional.cross_entropy(torch.stack(step_logits).float(), targets, reduction="sum")
     return float(nll), int(targets.numel())
 
 
@@ -79,6 +90,7 @@ def evaluate_perplexity(
     stride: int,
     mode: str = "sliding",
     dense_prefill: bool = False,
+    score_from: int = 1,
     progress: bool = True,
     state: PartialState | None = None,
 ) -> dict[str, Any]:
@@ -86,9 +98,10 @@ def evaluate_perplexity(
 
     `mode="sliding"` scores each window in one forward pass; `mode="decode"` prefills each window's
     unscored prefix and then scores token by token through the KV cache, as in generation (the
-    prefill is kNN too unless `dense_prefill`). The model is left as it was found (patched or not).
-    Returns per-document NLL and token counts for every setting, and token-weighted totals with the
-    ratio to dense.
+    prefill is kNN too unless `dense_prefill`; a dense prefill is run once per window and shared by
+    every setting, its time reported apart). Tokens before `score_from` are context only. The model
+    is left as it was found (patched or not). Returns per-document NLL and token counts for every
+    setting, and token-weighted totals with the ratio to dense.
 
     Under several processes (`state`, an Accelerate `PartialState`, e.g. from `torchrun` or
     `accelerate launch`), documents are dealt round-robin to the processes and the per-document
@@ -106,13 +119,16 @@ def evaluate_perplexity(
     if len(set(names)) != len(names):
         raise ValueError(f"Settings must differ: {names}")
     seconds = dict.fromkeys(names, 0.0)
+    prefill_seconds = 0.0
     per_doc = []
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     plan = [
-        (i, name, list(windows(len(ids), max_length, stride)), ids)
+        (i, name, list(windows(len(ids), max_length, stride, score_from)), ids)
         for i, (name, ids) in enumerate(documents)
-        if i % world == rank
     ]
+    if not any(doc_windows for _, _, doc_windows, _ in plan):
+        raise ValueError(f"No token to score: every document is at most score_from={score_from} tokens long.")
+    plan = plan[rank::world]
     device = next(model.parameters()).device
     try:
         total_windows = sum(len(w) for _, _, w, _ in plan)
@@ -122,11 +138,21 @@ def evaluate_perplexity(
                 count = 0
                 for begin, end, first in doc_windows:
                     window = torch.as_tensor(ids[begin:end], device=device).unsqueeze(0)
+                    shared = None
+                    if mode == "decode" and dense_prefill:
+                        start = time.perf_counter()
+                        shared = prefill(model, window, first - begin, None)
+                        prefill_seconds += time.perf_counter() - start
                     for name, config in zip(names, [None, *configs], strict=True):
                         start = time.perf_counter()
                         if mode == "decode":
-                            prefill = None if dense_prefill else config
-                            value, n = decode_window_nll(model, window, first - begin, config, prefill)
+                            # a shared prefill is copied, not cropped: sliding-window caches cannot be cropped
+                            logits, cache = (
+                                (shared[0], copy.deepcopy(shared[1]))
+                                if shared
+                                else prefill(model, window, first - begin, config)
+                            )
+                            value, n = decode_nll(model, window, first - begin, config, logits, cache)
                         else:
                             _use(model, config)
                             value, n = window_nll(model, window, first - begin)
@@ -140,6 +166,7 @@ def evaluate_perplexity(
     if world > 1:
         per_doc = sorted(gather_object(per_doc), key=lambda d: d["index"])
         seconds = {name: sum(s[name] for s in gather_object([seconds])) for name in names}
+        prefill_seconds = sum(gather_object([prefill_seconds]))
     tokens = sum(d["tokens"] for d in per_doc)
     totals = {}
     for name in names:
@@ -162,6 +189,8 @@ def evaluate_perplexity(
         "stride": stride,
         "mode": mode,
         "dense_prefill": dense_prefill,
+        "shared_prefill_seconds": prefill_seconds,
+        "score_from": score_from,
         "documents": per_doc,
         "totals": totals,
     }
@@ -218,9 +247,22 @@ def print_report(result: dict[str, Any], title: str, console: Console | None = N
 
 
 def write_report(result: dict[str, Any], out_dir: str | Path, name: str = "perplexity") -> dict[str, Path]:
-    """`<name>.json` and `<name>.png` (ratio to dense against k, log-x, one line per backend), atomically."""
+    """`<name>.json` and `<name>.png` (ratio to dense against k, log-x, one line per backend), atomically,
+    and a timestamped `evaluate.save` record of the totals under `evaluate/`, one per run."""
     out = Path(out_dir)
     paths = {"json": write_json_atomic(out / f"{name}.json", result), "png": out / f"{name}.png"}
+    totals = result["totals"]
+    paths["evaluate"] = Path(
+        evaluate.save(
+            out / "evaluate",
+            perplexity={setting: t["perplexity"] for setting, t in totals.items()},
+            ratio_to_dense={setting: t["ratio_to_dense"] for setting, t in totals.items()},
+            tokens=totals[DENSE]["tokens"],
+            documents=len(result["documents"]),
+            settings=result["settings"],
+            **{key: result[key] for key in ("mode", "max_length", "stride", "dense_prefill", "score_from")},
+        )
+    )
     import matplotlib
 
     matplotlib.use("Agg")

@@ -13,17 +13,24 @@ from collections.abc import Iterator
 import torch
 
 
-def windows(n_tokens: int, max_length: int, stride: int) -> Iterator[tuple[int, int, int]]:
-    """(begin, end, first scored position) of each window; positions are document indices."""
+def windows(
+    n_tokens: int, max_length: int, stride: int, score_from: int = 1
+) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window; positions are document indices.
+
+    Tokens before `score_from` are context only: a long-context score of a document's tail.
+    """
     if not 0 < stride <= max_length:
         raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}.")
-    scored_until = 1  # token 0 is never predicted
+    if score_from < 1:
+        raise ValueError(f"score_from must be >= 1 (token 0 has no context), got {score_from}.")
+    scored_until = score_from
     for begin in range(0, max(n_tokens - 1, 0), stride):
         end = min(begin + max_length, n_tokens)
         first = max(scored_until, begin + 1)
         if first < end:
             yield begin, end, first
-        scored_until = end
+        scored_until = max(scored_until, end)
         if end == n_tokens:
             break
 

@@ -21,24 +21,13 @@ def test_eval_writes_table_json_and_plot(tmp_path, capsys):
     assert "topk k=4" in capsys.readouterr().out
 
 
-def test_demo_runs_small(tmp_path):
-    main(
-        [
-            "demo",
-            "--tokens",
-            "256",
-            "--max-length",
-            "128",
-            "--stride",
-            "128",
-            "--k",
-            "4",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    result = json.loads((tmp_path / "demo.json").read_text())
-    assert result["totals"]["dense"]["tokens"] == 254 and result["totals"]["topk k=4"]["ratio_to_dense"] > 0
+def test_demo_is_eval_with_demo_defaults(tmp_path):
+    main(["demo", "--max-docs", "2", "--min-tokens", "256", "--max-tokens", "256", "--max-length", "128",
+          "--k", "4", "--out", str(tmp_path)])  # fmt: skip
+    result = json.loads((tmp_path / "perplexity.json").read_text())
+    assert len(result["documents"]) == 2 and result["totals"]["dense"]["tokens"] == 2 * 254
+    assert result["totals"]["topk k=4"]["ratio_to_dense"] > 0 and (tmp_path / "perplexity.png").exists()
+    assert len(list((tmp_path / "evaluate").glob("result-*.json"))) == 1
 
 
 def test_unwritable_output_fails_before_any_work(tmp_path):

@@ -11,7 +11,7 @@ from tiny_models import tiny_model
 import knn_patch
 from knn_patch import KNNConfig
 from knn_patch.evaluation import evaluate_perplexity, print_report, write_report
-from knn_patch.perplexity import document_nll
+from knn_patch.perplexity import document_nll, windows
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,14 @@ def test_reports(docs, tmp_path):
     paths = write_report(result, tmp_path / "out")
     assert json.loads(paths["json"].read_text())["totals"].keys() == result["totals"].keys()
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["perplexity.json", "perplexity.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "evaluate",
+        "perplexity.json",
+        "perplexity.png",
+    ]
+    record = json.loads(paths["evaluate"].read_text())  # the evaluate.save record of this run
+    assert paths["evaluate"].parent == tmp_path / "out" / "evaluate" and record["_evaluate_version"]
+    assert record["perplexity"] == {name: t["perplexity"] for name, t in result["totals"].items()}
 
 
 def test_decode_mode_equals_sliding_mode(docs):
@@ -96,3 +103,27 @@ def test_dense_prefill_changes_only_the_prefix_attention(docs):
     assert dense_prefill["totals"]["topk k=2"]["nll"] != knn_prefill["totals"]["topk k=2"]["nll"]
     with pytest.raises(ValueError, match="mode"):
         evaluate_perplexity(model, docs, [], max_length=16, stride=4, mode="greedy", progress=False)
+
+
+def test_score_from_and_shared_dense_prefill(docs):
+    """The tail score equals the explicit per-token NLL of positions >= score_from given their
+    window's context; a dense prefill shared by all settings gives dense decode for k >= n."""
+    model = tiny_model("llama")
+    args = dict(max_length=16, stride=16, score_from=12, progress=False)
+    sliding = evaluate_perplexity(model, docs, [KNNConfig(k=16)], **args)
+    want, count = 0.0, 0
+    for _, ids in docs:
+        ids = torch.tensor(ids)
+        for begin, end, first in windows(len(ids), 16, 16, 12):
+            for t in range(first, end):
+                log_probs = model(input_ids=ids[begin:t].unsqueeze(0)).logits[0, -1].log_softmax(-1)
+                want, count = want - log_probs[ids[t]].item(), count + 1
+    # doc a: 12..15, 17..31, 33..39 (16 and 32 start new chunks); doc b: 12..15
+    assert sliding["totals"]["dense"]["tokens"] == count == 4 + 15 + 7 + 4
+    assert sliding["totals"]["dense"]["nll"] == pytest.approx(want, rel=1e-5)
+    decode = evaluate_perplexity(model, docs, [KNNConfig(k=16)], mode="decode", dense_prefill=True, **args)
+    for name in ("dense", "topk k=16"):
+        assert decode["totals"][name]["nll"] == pytest.approx(want, rel=1e-5)
+    assert decode["shared_prefill_seconds"] > 0
+    with pytest.raises(ValueError, match="score_from"):
+        evaluate_perplexity(model, docs, [], max_length=16, stride=16, score_from=40, progress=False)

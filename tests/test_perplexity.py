@@ -43,3 +43,22 @@ def test_overlapping_windows_equal_explicit_contexts():
             want -= log_probs[ids[t]].item()
     assert count == 12
     assert nll == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("n", "max_length", "stride", "score_from"), [(10, 4, 4, 6), (10, 4, 2, 3), (12, 8, 8, 7)]
+)
+def test_score_from_scores_only_the_tail_with_full_windows(n, max_length, stride, score_from):
+    spans = list(windows(n, max_length, stride, score_from))
+    scored = [t for _, end, first in spans for t in range(first, end)]
+    assert sorted(scored) == [t for _, end, first in windows(n, max_length, stride) for t in range(first, end)
+                              if t >= score_from]  # fmt: skip
+    assert all(first >= score_from for _, _, first in spans)
+
+
+def test_bad_windows_are_rejected():
+    for stride in (0, -1, 5):
+        with pytest.raises(ValueError, match="stride"):
+            list(windows(10, 4, stride))
+    with pytest.raises(ValueError, match="score_from"):
+        list(windows(10, 4, 4, score_from=0))
