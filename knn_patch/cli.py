@@ -1,9 +1,11 @@
-"""`knn-patch` command line: `demo` and `eval` (dense against kNN perplexity), `bench`, `prepare`."""
+"""`knn-patch` command line: `demo`, `eval` (dense against kNN perplexity), `report`, `bench`, `prepare`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -12,6 +14,7 @@ from .assets import bundled_corpus_dir
 from .config import KNNConfig
 from .data import load_documents, tokenize_documents
 from .evaluation import ensure_writable, environment, evaluate_perplexity, print_report, write_report
+from .io import write_json_atomic
 from .kernels.select import extension_available
 from .loading import load_default, load_model, load_tokenizer
 
@@ -40,6 +43,7 @@ def eval_(args: argparse.Namespace) -> dict:
         for k in args.k.split(",")
     ]
     stride = args.stride or args.max_length
+    partial = out / "perplexity.partial.json"  # the finished documents so far, if the run is stopped
     result = evaluate_perplexity(
         model,
         list(zip(docs["name"], docs["input_ids"], strict=True)),
@@ -50,6 +54,11 @@ def eval_(args: argparse.Namespace) -> dict:
         dense_prefill=args.dense_prefill,
         score_from=args.score_from,
         state=state,
+        on_document=(
+            lambda so_far: write_json_atomic(partial, {**so_far, "args": vars(args), "complete": False})
+        )
+        if state.is_main_process
+        else None,
     )
     result.update(skipped_documents=skipped, processes=state.num_processes, args=vars(args))
     result.update(environment=environment())
@@ -62,8 +71,16 @@ def eval_(args: argparse.Namespace) -> dict:
         f"tokens scored, {args.mode}, max_length {args.max_length}",
     )
     paths = write_report(result, out)
+    partial.unlink(missing_ok=True)
     print(f"results in {out}/: {', '.join(p.name for p in paths.values())}")
     return result
+
+
+def report(args: argparse.Namespace) -> None:
+    """Print the table of a saved result (`perplexity.json`, or the `.partial.json` of a stopped run)."""
+    result = json.loads(Path(args.result).read_text())
+    done = "" if result.get("complete", True) else " (partial: the documents finished so far)"
+    print_report(result, f"{args.result}: {len(result['documents'])} documents, {result['mode']}{done}")
 
 
 def prepare(_: argparse.Namespace) -> None:
@@ -129,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     _eval_arguments(p, max_docs=12, min_tokens=2048, max_tokens=2048, out="outputs/demo")
     p = sub.add_parser("eval", help=eval_.__doc__.splitlines()[0])
     _eval_arguments(p, max_docs=None, min_tokens=2, max_tokens=None, out="outputs/eval")
+    p = sub.add_parser("report", help=report.__doc__)
+    p.add_argument("result", help="a perplexity.json or perplexity.partial.json")
+    p.set_defaults(func=report)
     p = sub.add_parser("prepare", help=prepare.__doc__)
     p.set_defaults(func=prepare)
     sub.add_parser("bench", help="attention kernel speed and memory against SDPA and eager")

@@ -12,7 +12,7 @@ import math
 import platform
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,7 @@ def evaluate_perplexity(
     score_from: int = 1,
     progress: bool = True,
     state: PartialState | None = None,
+    on_document: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """NLL of `documents` ((name, token ids) pairs) for dense and every config, window by window.
 
@@ -106,6 +107,9 @@ def evaluate_perplexity(
     Under several processes (`state`, an Accelerate `PartialState`, e.g. from `torchrun` or
     `accelerate launch`), documents are dealt round-robin to the processes and the per-document
     sums are gathered, so every process returns the totals of a one-process run.
+
+    `on_document(partial_result)` is called after each document with the result so far (of this
+    process's documents): a long run can save its progress.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is invalid: use one of {MODES}.")
@@ -120,6 +124,9 @@ def evaluate_perplexity(
         raise ValueError(f"Settings must differ: {names}")
     seconds = dict.fromkeys(names, 0.0)
     prefill_seconds = 0.0
+    settings = dict(
+        max_length=max_length, stride=stride, mode=mode, dense_prefill=dense_prefill, score_from=score_from
+    )
     per_doc = []
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     plan = [
@@ -161,37 +168,50 @@ def evaluate_perplexity(
                     count += n
                     bar.update(1)
                 per_doc.append({"index": index, "name": doc_name, "tokens": count, "nll": nll})
+                if on_document is not None:
+                    on_document(_result(per_doc, seconds, prefill_seconds, configs, settings))
     finally:
         _use(model, before)
     if world > 1:
         per_doc = sorted(gather_object(per_doc), key=lambda d: d["index"])
         seconds = {name: sum(s[name] for s in gather_object([seconds])) for name in names}
         prefill_seconds = sum(gather_object([prefill_seconds]))
+    return _result(per_doc, seconds, prefill_seconds, configs, settings)
+
+
+def _result(
+    per_doc: list[dict[str, Any]],
+    seconds: dict[str, float],
+    prefill_seconds: float,
+    configs: Sequence[KNNConfig],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """The result dict of `evaluate_perplexity` over the documents in `per_doc`."""
     tokens = sum(d["tokens"] for d in per_doc)
     totals = {}
-    for name in names:
+    for name in seconds:
         total = sum(d["nll"][name] for d in per_doc)
         totals[name] = {
             "nll": total,
             "tokens": tokens,
-            "perplexity": math.exp(total / tokens),
+            "perplexity": math.exp(total / tokens) if tokens else math.nan,
             "seconds": seconds[name],
         }
-    for name in names:
+    for name in seconds:
         totals[name]["ratio_to_dense"] = totals[name]["perplexity"] / totals[DENSE]["perplexity"]
     return {
         "settings": [{"name": DENSE, "config": None}]
         + [
-            {"name": setting_name(c), "config": c.to_dict(), "k_at_max_length": c.resolve_k(max_length)}
+            {
+                "name": setting_name(c),
+                "config": c.to_dict(),
+                "k_at_max_length": c.resolve_k(settings["max_length"]),
+            }
             for c in configs
         ],
-        "max_length": max_length,
-        "stride": stride,
-        "mode": mode,
-        "dense_prefill": dense_prefill,
+        **settings,
         "shared_prefill_seconds": prefill_seconds,
-        "score_from": score_from,
-        "documents": per_doc,
+        "documents": list(per_doc),  # a copy: the caller's list grows
         "totals": totals,
     }
 

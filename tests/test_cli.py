@@ -17,8 +17,11 @@ def test_eval_writes_table_json_and_plot(tmp_path, capsys):
     assert [s["name"] for s in result["settings"]] == ["dense", "topk k=4", "topk k=sqrt"]
     assert len(result["documents"]) == 2 and all(d["tokens"] == 299 for d in result["documents"])
     assert result["totals"]["dense"]["tokens"] == 598 and result["environment"]["torch"]
-    assert (out / "perplexity.png").exists()
+    assert (out / "perplexity.png").exists() and not (out / "perplexity.partial.json").exists()
     assert "topk k=4" in capsys.readouterr().out
+    main(["report", str(out / "perplexity.json")])  # the table again, from the saved result
+    table = capsys.readouterr().out
+    assert "topk k=sqrt" in table and f"{result['totals']['topk k=4']['perplexity']:.3f}" in table
 
 
 def test_demo_is_eval_with_demo_defaults(tmp_path):

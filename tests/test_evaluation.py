@@ -127,3 +127,16 @@ def test_score_from_and_shared_dense_prefill(docs):
     assert decode["shared_prefill_seconds"] > 0
     with pytest.raises(ValueError, match="score_from"):
         evaluate_perplexity(model, docs, [], max_length=16, stride=16, score_from=40, progress=False)
+
+
+def test_progress_after_each_document(docs):
+    model = tiny_model("llama")
+    seen = []
+    final = evaluate_perplexity(
+        model, docs, [KNNConfig(k=2)], max_length=16, stride=16, progress=False, on_document=seen.append
+    )
+    assert [len(r["documents"]) for r in seen] == [1, 2]
+    first = seen[0]["totals"]["topk k=2"]
+    assert first["tokens"] == final["documents"][0]["tokens"]
+    assert first["nll"] == pytest.approx(final["documents"][0]["nll"]["topk k=2"])
+    assert seen[1]["totals"] == final["totals"]
