@@ -1,4 +1,5 @@
-"""`knn-patch` command line: `demo` and `eval` (dense against kNN perplexity), `bench`, `prepare`."""
+"""`knn-patch` command line: `demo` and `eval` (dense against kNN perplexity), `finetune`, `bench`,
+`prepare`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from .data import load_documents, tokenize_documents
 from .evaluation import ensure_writable, environment, evaluate_perplexity, print_report, write_report
 from .kernels.select import extension_available
 from .loading import load_default, load_model, load_tokenizer
+from .training import add_arguments as add_finetune_arguments
+from .training import run_from_args as finetune
 
 
 def _long_document(tokenizer, n_tokens: int) -> tuple[str, list[int]]:
@@ -134,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=eval_)
+    p = sub.add_parser("finetune", help="fine-tune under kNN attention from a recipe YAML (recipes/configs)")
+    p.set_defaults(func=finetune)
+    add_finetune_arguments(p)
     p = sub.add_parser("prepare", help=prepare.__doc__)
     p.set_defaults(func=prepare)
     sub.add_parser("bench", help="attention kernel speed and memory against SDPA and eager")
