@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, get_cosine_schedule_with_warmup
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoints import complete_checkpoints, latest_checkpoint, read_state, save_checkpoint
+from .checkpoints import STATE_FILE, complete_checkpoints, latest_checkpoint, read_state, save_checkpoint
 from .config import KNNConfig
 from .evaluation import ensure_writable, environment, evaluate_perplexity, setting_name
 from .io import atomic_write, write_json_atomic
@@ -266,9 +266,8 @@ def finetune(config: RecipeConfig, *, resume: bool | str = False, progress: bool
     checkpoints = out / "checkpoints"
     resume_from = None
     if resume:
-        resume_from = latest_checkpoint(checkpoints if resume is True else resume)
-        if not (resume_from / "trainer_state.json").exists():
-            resume_from = latest_checkpoint(resume_from)
+        given = checkpoints if resume is True else Path(resume)
+        resume_from = given if (given / STATE_FILE).is_file() else latest_checkpoint(given)
     elif complete_checkpoints(checkpoints):
         raise FileExistsError(
             f"{str(out)!r} already holds checkpoints of a run: pass --resume to continue it, or set "

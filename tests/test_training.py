@@ -58,7 +58,8 @@ def test_smoke_run_writes_checkpoints_logs_and_a_model_that_reloads_patched(tmp_
     assert knn_patch.get_config(reloaded) == tiny(out).knn
     fresh = knn_patch.from_pretrained(str(out / "model"))
     knn_patch.unpatch(fresh)
-    fresh.load_state_dict(weights(out / "checkpoints" / "step_00000006"))
+    missing, unexpected = fresh.load_state_dict(weights(out / "checkpoints" / "step_00000006"), strict=False)
+    assert not unexpected and missing == ["lm_head.weight"]  # tied to the embedding, saved once
     knn_patch.patch(fresh, tiny(out).knn)
     ids = torch.arange(5, 69).view(1, 64)
     with torch.no_grad():
@@ -86,7 +87,7 @@ def test_validation_documents_are_never_trained_on(tmp_path):
 
 @pytest.mark.slow
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
-    args = ["train.max_steps=16", "checkpoint.every=2", "eval.every=8"]
+    args = ["train.max_steps=10", "train.grad_accum=1", "checkpoint.every=2", "eval.every=5"]
     finetune(tiny(tmp_path / "straight", *args), progress=False)
 
     out = tmp_path / "crashed"
@@ -107,14 +108,14 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     result = finetune(tiny(out, *args), resume=True, progress=False)
     assert result["resumed_from"] == str(killed_at)
     resumed_step = int(killed_at.name.removeprefix("step_"))
-    assert resumed_step < 16
+    assert resumed_step < 10
 
     straight, resumed = weights(tmp_path / "straight" / "model"), weights(out / "model")
     assert straight.keys() == resumed.keys()
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
     expected, got = losses(tmp_path / "straight"), losses(out)
-    assert sorted(got) == list(range(1, 17)), "the log holds each step once"
+    assert sorted(got) == list(range(1, 11)), "the log holds each step once"
     after = [s for s in expected if s > resumed_step]
     assert after and [got[s] for s in after] == pytest.approx([expected[s] for s in after], rel=1e-6, abs=0)
 
