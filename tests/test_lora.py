@@ -45,8 +45,10 @@ def test_lora_targets_are_the_attention_projections(family, names, conv1d):
 
 
 def test_lora_run_changes_only_adapter_weights_and_the_merged_model_keeps_knn(tmp_path):
+    """With activation checkpointing on: recomputed kNN layers train the adapters too."""
     out = tmp_path / "lora"
-    sets = ["lora.enabled=true", "lora.r=4", "train.lr=1e-2", "eval.every=0", "checkpoint.every=6"]
+    sets = ["lora.enabled=true", "lora.r=4", "train.lr=1e-2", "eval.every=0", "checkpoint.every=6",
+            "model.activation_checkpointing=true"]  # fmt: skip
     config = load_recipe(TINY, [f"output.dir={out}", "output.tensorboard=false", *sets])
     finetune(config, progress=False)
     set_seed(config.train.seed)  # the same draw as the run's random initial weights

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import knn_patch
 from knn_patch.checkpoints import complete_checkpoints
+from knn_patch.cli import main
 from knn_patch.recipe_config import load_recipe
 from knn_patch.training import finetune
 
@@ -43,13 +44,16 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_smoke_run_writes_checkpoints_logs_and_a_model_that_reloads_patched(tmp_path):
     out = tmp_path / "run"
-    result = finetune(tiny(out, "output.tensorboard=true"), progress=False)
+    main(
+        ["finetune", "--config", str(TINY), "--set", f"output.dir={out}", "--no-progress"]
+    )  # knn-patch finetune
+    result = json.loads((out / "results.json").read_text())
     assert [c.name for c in complete_checkpoints(out / "checkpoints")] == ["step_00000003", "step_00000006"]
     assert [r["step"] for r in result["evaluations"]] == [0, 3, 6]
     assert result["before"]["tokens"] == result["after"]["tokens"] > 0
     assert all(r["knn_perplexity"] > 0 and r["dense_perplexity"] > 0 for r in result["evaluations"])
     assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
-    assert json.loads((out / "results.json").read_text())["steps"] == 6
+    assert result["steps"] == 6 and result["outputs"] == {"model": str(out / "model")}
     assert (out / "history.png").exists() and any((out / "tensorboard").rglob("events.out.tfevents*"))
 
     # The final model comes back patched from its config.json, with the trained weights: its
