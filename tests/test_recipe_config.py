@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
+import accelerate
 import pytest
 import yaml
+from accelerate.commands.config.config_args import load_config_from_file
 
 from knn_patch import KNNConfig
 from knn_patch.recipe_config import RecipeConfig, apply_overrides, load_recipe, recipe_from_dict
@@ -27,9 +29,13 @@ def test_every_recipe_parses_and_opens_with_its_command(path):
 
 
 @pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
-def test_accelerate_configs_are_yaml_with_a_distributed_type(path):
-    data = yaml.safe_load(path.read_text())
-    assert data["distributed_type"] in ("MULTI_GPU", "FSDP") and data["num_processes"] >= 1
+def test_accelerate_configs_load_as_accelerate_reads_them(path):
+    config = load_config_from_file(str(path))  # rejects unknown keys
+    assert config.distributed_type in ("MULTI_GPU", "FSDP") and config.num_processes >= 1
+    assert path.read_text().startswith("#") and "accelerate launch --config_file" in path.read_text()
+    launch_options = (Path(accelerate.__file__).parent / "commands" / "launch.py").read_text()
+    for key in yaml.safe_load(path.read_text()).get("fsdp_config", {}):
+        assert f'"--{key}"' in launch_options, f"accelerate launch has no --{key}"
 
 
 def test_overrides_are_typed_as_yaml():
