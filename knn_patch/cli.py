@@ -1,4 +1,5 @@
-"""`knn-patch` command line: `demo`, `eval` (dense against kNN perplexity), `report`, `bench`, `prepare`."""
+"""`knn-patch` command line: `demo`, `eval` (dense against kNN perplexity), `report`, `finetune`,
+`bench`, `prepare`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from .evaluation import ensure_writable, environment, evaluate_perplexity, print
 from .io import write_json_atomic
 from .kernels.select import extension_available
 from .loading import load_default, load_model, load_tokenizer
+from .training import add_arguments as add_finetune_arguments
+from .training import run_from_args as finetune
 
 
 def eval_(args: argparse.Namespace) -> dict:
@@ -149,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("report", help=report.__doc__)
     p.add_argument("result", help="a perplexity.json or perplexity.partial.json")
     p.set_defaults(func=report)
+    p = sub.add_parser("finetune", help="fine-tune under kNN attention from a recipe YAML (recipes/configs)")
+    p.set_defaults(func=finetune)
+    add_finetune_arguments(p)
     p = sub.add_parser("prepare", help=prepare.__doc__)
     p.set_defaults(func=prepare)
     sub.add_parser("bench", help="attention kernel speed and memory against SDPA and eager")

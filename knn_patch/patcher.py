@@ -83,6 +83,14 @@ def _fallback(module: torch.nn.Module, previous: str):
     return sdpa_attention_forward
 
 
+def _base_model(model: Any) -> Any:
+    """The transformers model under a peft `PeftModel` (patching acts on it); any other object as is.
+
+    LoRA wraps only projections, so the attention modules the patch marks are the base model's.
+    """
+    return model.get_base_model() if hasattr(type(model), "get_base_model") else model
+
+
 def _check_model(model: Any) -> list[tuple[int, torch.nn.Module]]:
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
@@ -106,7 +114,9 @@ def patch(model: PreTrainedModel, config: KNNConfig | None = None, /, **override
     `config` (or `KNNConfig(**overrides)`, or `config` with `overrides` applied) decides k, the
     backend and the layers; `knn_patch.unpatch` reverses it. Patching a patched model replaces
     its kNN config; `unpatch` still restores the implementation from before the first patch.
+    A peft `PeftModel` is accepted: its base model is patched.
     """
+    wrapper, model = model, _base_model(model)
     config = (
         KNNConfig(**overrides) if config is None else config.replace(**overrides) if overrides else config
     )
@@ -131,11 +141,12 @@ def patch(model: PreTrainedModel, config: KNNConfig | None = None, /, **override
     model._knn_previous_attn = previous
     model._knn_config = config
     model.config.knn_attention = config.to_dict()
-    return model
+    return wrapper
 
 
 def unpatch(model: PreTrainedModel) -> PreTrainedModel:
     """Restore the attention implementation `patch` replaced, in place; drops the saved kNN config."""
+    wrapper, model = model, _base_model(model)
     if not is_patched(model):
         raise ValueError("This model is not patched by knn_patch; nothing to unpatch.")
     for _, module in attention_modules(model):
@@ -145,16 +156,16 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
     del model._knn_previous_attn, model._knn_config
     if hasattr(model.config, CONFIG_KEY):
         delattr(model.config, CONFIG_KEY)
-    return model
+    return wrapper
 
 
 def is_patched(model: torch.nn.Module) -> bool:
-    return getattr(model, "_knn_config", None) is not None
+    return get_config(model) is not None
 
 
 def get_config(model: torch.nn.Module) -> KNNConfig | None:
     """The model's active KNNConfig, or None when it is not patched."""
-    return getattr(model, "_knn_config", None)
+    return getattr(_base_model(model), "_knn_config", None)
 
 
 @contextlib.contextmanager
