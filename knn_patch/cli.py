@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,6 +21,7 @@ from .evaluation import ensure_writable, environment, evaluate_perplexity, print
 from .io import write_json_atomic
 from .kernels.select import extension_available
 from .loading import load_default, load_model, load_tokenizer
+from .patcher import UnsupportedModelError
 from .training import add_arguments as add_finetune_arguments
 from .training import run_from_args as finetune
 
@@ -137,6 +141,24 @@ def _eval_arguments(
     p.set_defaults(func=eval_)
 
 
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input (a config, a path, a value, a model family) ends a command with one line naming the
+    fix instead of a traceback; `KNN_PATCH_DEBUG=1` shows the traceback."""
+    try:
+        yield
+    except (ValueError, OSError, UnsupportedModelError) as err:
+        if os.environ.get("KNN_PATCH_DEBUG"):
+            raise
+        sys.exit(f"knn-patch: error: {err}")
+
+
+def run() -> None:
+    """The `knn-patch` console command: `main` with one-line errors for bad input."""
+    with user_errors():
+        main()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its options are its own: `knn-patch bench --help`
@@ -163,4 +185,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run()

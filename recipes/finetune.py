@@ -14,8 +14,10 @@ evaluation and the checkpoints live in `knn_patch.training`; the config keys are
 
 import argparse
 
+from knn_patch.cli import user_errors
 from knn_patch.training import add_arguments, run_from_args
 
 if __name__ == "__main__":
     parser = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    run_from_args(parser.parse_args())
+    with user_errors():
+        run_from_args(parser.parse_args())

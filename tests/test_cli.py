@@ -1,6 +1,8 @@
 """`knn-patch demo` and `knn-patch eval` end to end on the embedded model and bundled corpus."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -46,3 +48,12 @@ def test_eval_decode_mode_with_dense_prefill(tmp_path):
     result = json.loads((tmp_path / "perplexity.json").read_text())
     assert result["mode"] == "decode" and result["dense_prefill"] is True
     assert result["totals"]["dense"]["tokens"] == 98
+
+
+def test_the_command_reports_bad_input_in_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    run = subprocess.run([sys.executable, "-m", "knn_patch.cli", "eval", "--out", str(blocker / "out")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("knn-patch: error: Output folder")
