@@ -96,6 +96,5 @@ def indexes_for(key: torch.Tensor, query_length: int, options: Mapping[str, Any]
     if layer.indexes is not None and layer.indexes.seen > key.shape[2] - query_length:
         layer.indexes = None  # holds keys of positions now queried again: rebuild
     if layer.indexes is None:
-        b, hkv, n, d = key.shape
-        layer.indexes = KeyIndexes(b, hkv, d, options=options, n_hint=n, device=key.device)
+        layer.indexes = KeyIndexes(key, options=options)
     return layer.indexes

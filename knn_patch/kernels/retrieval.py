@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .index import KeyIndexes
+from .index import TRAIN_POINTS_PER_LIST, KeyIndexes, resolve_nlist
 
 
 def _gather(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -97,7 +97,7 @@ def retrieval_attention(
     index_valid = (valid & ~is_sink).cpu()
     if indexes is None:
         opts = dict(options) if lq >= bs else {**options, "index": "flat"}
-        indexes = KeyIndexes(b, hkv, d, options=opts, n_hint=lk, device=device)
+        indexes = KeyIndexes(key, options=opts)
 
     acc = torch.promote_types(query.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
     width = k + sink_tokens + local_window
@@ -164,3 +164,40 @@ def retrieval_attention(
     out = torch.cat(outs, 3).view(b, hq, lq, dv).to(query.dtype)  # (B, Hkv, G, Lq, Dv) -> (B, Hq, Lq, Dv)
     positions = torch.cat(kept, 3).view(b, hq, lq, width) if return_positions else None
     return out, positions
+
+
+def recall_at_k(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    k: int,
+    options: Mapping[str, Any],
+    n_queries: int = 512,
+    seed: int = 0,
+) -> float:
+    """Recall@k of the faiss selection against exact top-k, causal, no sinks or window.
+
+    Shapes as in `retrieval_attention` (no mask). Averaged over `n_queries` query positions drawn
+    (fixed seed) among those whose block searches an approximate index (for ivf, once it holds its
+    39 * nlist training keys): a diagnostic of the index, not inflated by exactly scored blocks.
+    Returns the share of each query's exact top-k keys that the faiss selection kept.
+    """
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    offset, bs = lk - lq, options["block_size"]
+    needed = TRAIN_POINTS_PER_LIST * resolve_nlist(options["nlist"], lk) if options["index"] == "ivf" else 1
+    first = max(bs, -(-(needed - offset) // bs) * bs)  # the first block start with that many keys before it
+    if lq <= first:
+        raise ValueError(f"No query of these {lq} searches an approximate index; use a longer sequence.")
+    with torch.no_grad():
+        _, kept = retrieval_attention(query, key, key, k=k, options=options, return_positions=True)
+        gen = torch.Generator().manual_seed(seed)
+        rows = first + torch.randperm(lq - first, generator=gen)[:n_queries].sort().values  # (R,)
+        q = query[:, :, rows].float().view(b, hkv, hq // hkv * len(rows), d)  # (B, Hkv, G*R, D)
+        s = (q @ key.float().transpose(-1, -2)).view(b, hq, len(rows), lk)  # (B, Hq, R, Lk)
+        s.masked_fill_(torch.arange(lk) > (rows + offset).unsqueeze(-1), -math.inf)
+        exact = s.topk(min(k, lk), dim=-1).indices  # (B, Hq, R, k)
+        sel = kept[:, :, rows]  # (B, Hq, R, width)
+        hits = (exact.unsqueeze(-1) == sel.unsqueeze(-2)).any(-1)  # (B, Hq, R, k)
+        valid = torch.gather(s, -1, exact) > -math.inf  # queries with fewer than k keys
+    return float(hits[valid].float().mean())
