@@ -35,6 +35,20 @@ def _gather(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * h * n, e).index_select(0, flat.reshape(-1)).view(*pos.shape, e)
 
 
+def _weighted_rows(x: torch.Tensor, pos: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_t w[..., t] * x[b, h, pos[..., t]]: x (B, Hkv, L, E), pos and w (B, Hkv, R, t) -> (B, Hkv, R, E).
+
+    `embedding_bag` fuses the gather and the weighted sum (differentiable in x and w), never
+    materialising the (R, t, E) gathered rows."""
+    b, h, n, e = x.shape
+    flat = pos.clamp_min(0) + (torch.arange(b * h, device=x.device) * n).view(b, h, 1, 1)
+    t = pos.shape[-1]
+    out = torch.nn.functional.embedding_bag(
+        flat.reshape(-1, t), x.reshape(b * h * n, e), per_sample_weights=w.reshape(-1, t), mode="sum"
+    )
+    return out.view(*pos.shape[:-1], e)
+
+
 def _mask_at(mask: torch.Tensor | None, pos: torch.Tensor, q0: int, c: int, g: int) -> torch.Tensor | None:
     """Visibility (B, Hkv, G*C, t) of key positions pos (B, Hkv, G*C, t) for queries q0..q0+c-1, from
     the grouped mask (B|1, 1|Hkv, 1|G, Lq, Lk); None when there is no mask."""
@@ -155,7 +169,7 @@ def retrieval_attention(
             if dropout > 0:
                 p = torch.nn.functional.dropout(p, dropout)
             sel_pos = pos.gather(-1, idx)  # (B, Hkv, G*C, take)
-            out = (p.unsqueeze(-2) @ _gather(v_all, sel_pos)).squeeze(-2)  # (B, Hkv, G*C, Dv)
+            out = _weighted_rows(v_all, sel_pos, p)  # (B, Hkv, G*C, Dv)
             outs.append(out.view(b, hkv, g, c, dv))
             if return_positions:
                 kept_pos = torch.full((b, hkv, g * c, width), -1, dtype=torch.long, device=device)
