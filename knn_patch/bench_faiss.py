@@ -94,7 +94,7 @@ def run_growth(
     with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("growth", total=len(ns) * len(methods))
         for method in methods:  # warm-up: lazy initialisation and the compiled selection
-            _layer_fn(method, k, options)(*_inputs(1024, seed))
+            _layer_fn(method, k, options)(*_inputs(min(1024, *ns), seed))
         for n in ns:
             q, kk, v = _inputs(n, seed)
             row: dict = {"n": n, "times": {}, "recall": {}}
