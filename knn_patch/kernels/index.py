@@ -255,17 +255,19 @@ class KeyIndexes:
     def seen(self) -> int:
         return self.rows[0][0].seen
 
-    def sync(self, key: torch.Tensor, upto: int, valid: torch.Tensor | None = None) -> None:
-        """Add key (B, Hkv, L, D) positions [seen, upto); `valid` (B|1, L) bool leaves those False out."""
+    def sync(self, key: torch.Tensor, upto: int, valid: torch.Tensor | None = None, first: int = 0) -> None:
+        """Add key (B, Hkv, L, D) positions [seen, upto); `valid` (B|1, L) bool leaves those False out,
+        and positions below `first` are left out too."""
         start = self.seen
         if upto < start:
-            raise RuntimeError(
-                f"The key index already holds {start} positions, more than the {upto} asked for."
-            )
+            raise RuntimeError(f"The key index already holds {start} positions, more than the {upto} asked.")
         if upto == start:
             return
         for b, row in enumerate(self.rows):
             ok = None if valid is None else valid[b if valid.shape[0] > 1 else 0, start:upto]
+            if first > start:
+                above = torch.arange(start, upto) >= first
+                ok = above if ok is None else ok & above
             for h, index in enumerate(row):
                 index.add(key[b, h, start:upto], ok)
 

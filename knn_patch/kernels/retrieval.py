@@ -102,13 +102,14 @@ def retrieval_attention(
         # (B|1, 1|Hq, Lq, Lk) -> (B|1, 1|Hkv, 1|G, Lq, Lk), the grouped query layout
         mask = mask.unsqueeze(1) if mh == 1 else mask.unflatten(1, (hkv, g))
         valid = mask.flatten(1, 3).any(1)  # (B|1, Lk): keys some query may see
-    else:
-        mask, valid = None, torch.ones(1, lk, dtype=torch.bool, device=device)
-    is_sink = valid & (valid.cumsum(-1) <= sink_tokens)  # (B|1, Lk): the first visible keys
-    n_sinks = int(is_sink.sum(-1).max()) if sink_tokens else 0
-    sink_pos = torch.sort(torch.where(is_sink, torch.arange(lk, device=device), lk), -1).values[:, :n_sinks]
-    sink_pos = torch.where(sink_pos < lk, sink_pos, -1)  # (B|1, s): per row, -1 past its sinks
-    index_valid = (valid & ~is_sink).cpu()
+        is_sink = valid & (valid.cumsum(-1) <= sink_tokens)  # (B|1, Lk): the first visible keys
+        n_sinks = int(is_sink.sum(-1).max()) if sink_tokens else 0
+        sink_pos = torch.sort(torch.where(is_sink, torch.arange(lk, device=device), lk), -1).values
+        sink_pos = torch.where(sink_pos < lk, sink_pos, -1)[:, :n_sinks]  # (B|1, s): -1 past a row's sinks
+        index_valid = (valid & ~is_sink).cpu()  # padding and sinks are never indexed
+    else:  # plain causal: the sinks are positions 0..s-1, and nothing O(Lk) is built (decode steps)
+        mask, n_sinks, index_valid = None, min(sink_tokens, lk), None
+        sink_pos = torch.arange(n_sinks, device=device).view(1, n_sinks)
     if indexes is None:
         opts = dict(options) if lq >= bs else {**options, "index": "flat"}
         indexes = KeyIndexes(key, options=opts)
@@ -126,7 +127,7 @@ def retrieval_attention(
             qb = q_all[:, :, :, q0:q1].reshape(b, hkv, g * c, d)  # (B, Hkv, G*C, D)
             qpos = (torch.arange(c, device=device) + p0).repeat(g).view(1, 1, g * c, 1)  # per score row
 
-            indexes.sync(key, ws, index_valid)
+            indexes.sync(key, ws, index_valid, first=n_sinks if mask is None else 0)
             ret = indexes.search(qb, k)  # (B, Hkv, G*C, k'), k' = 0 while the index is empty
             parts_pos, parts_s = [], []
             if n_sinks:
@@ -152,9 +153,11 @@ def retrieval_attention(
                 vis = vis & at
             forced = vis & (pos > qpos - local_window) if local_window else torch.zeros_like(vis)
             if n_sinks:
-                forced = forced | (
-                    vis & is_sink.expand(b, lk).gather(-1, pos.clamp_min(0).flatten(1)).view_as(pos)
-                )
+                if mask is None:
+                    sink_at = pos < n_sinks
+                else:
+                    sink_at = is_sink.expand(b, lk).gather(-1, pos.clamp_min(0).flatten(1)).view_as(pos)
+                forced = forced | (vis & sink_at)
             take = min(width, pos.shape[-1])
             ranked = torch.where(forced, math.inf, torch.where(vis, s.detach(), -math.inf))
             sel, idx = ranked.topk(take, dim=-1)  # (B, Hkv, G*C, take)
