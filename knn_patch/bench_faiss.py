@@ -289,7 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="growth: timed runs per point (median)")
     p.add_argument("--steps", type=int, default=8, help="decode: timed steps (median)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--faiss-threads", type=int, default=None, help="faiss OpenMP threads (default: faiss's)")
+    p.add_argument(
+        "--faiss-threads",
+        type=int,
+        default=None,
+        help="OpenMP threads (faiss and torch share the runtime: sets both)",
+    )
     p.add_argument("--out", default="outputs/faiss_bench")
     args = p.parse_args(argv)
     if args.faiss_threads is not None:
