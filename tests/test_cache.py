@@ -39,7 +39,7 @@ def generate(model, cache=None, **kwargs):
 def test_greedy_generate_at_k_at_least_length_equals_dense(index):
     model = tiny_model("llama")
     dense = generate(model)
-    options = {"index": index, "block_size": 8}
+    options = {"index": index, "block_size": 8, "sync_every": 4}
     with knn_patch.patched(model, k=64, backend="faiss", backend_options=options):
         cache = KNNCache()
         knn = generate(model, cache)
@@ -53,8 +53,11 @@ def test_decode_through_the_cache_index_equals_exact_top_k_decoding():
     settings = dict(k=3, sink_tokens=1, local_window=2)
     with knn_patch.patched(model, **settings):
         exact = generate(model, output_logits=True, return_dict_in_generate=True)
-    with knn_patch.patched(model, backend="faiss", backend_options={"index": "flat"}, **settings):
-        knn = generate(model, KNNCache(), output_logits=True, return_dict_in_generate=True)
+    options = {"index": "flat", "sync_every": 3}
+    with knn_patch.patched(model, backend="faiss", backend_options=options, **settings):
+        cache = KNNCache()
+        knn = generate(model, cache, output_logits=True, return_dict_in_generate=True)
+    assert cache.layers[0].indexes.rows[0][0].ntotal >= 40
     assert torch.equal(knn.sequences, exact.sequences)
     torch.testing.assert_close(torch.stack(knn.logits), torch.stack(exact.logits), rtol=1e-4, atol=1e-5)
 
@@ -62,7 +65,8 @@ def test_decode_through_the_cache_index_equals_exact_top_k_decoding():
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])
 def test_small_k_generates_with_finite_logits_and_indexes_every_cached_key(index):
     model = tiny_model("llama")
-    with knn_patch.patched(model, k=2, local_window=2, backend="faiss", backend_options={"index": index}):
+    options = {"index": index, "sync_every": 1}  # every key joins the index as soon as it may
+    with knn_patch.patched(model, k=2, local_window=2, backend="faiss", backend_options=options):
         cache = KNNCache()
         out = generate(model, cache, output_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape == (2, 50)
@@ -89,7 +93,9 @@ def test_beam_search_reorders_the_indexes(monkeypatch):
         "reorder_cache",
         lambda self, idx: reorders.append(idx) or original(self, idx),
     )
-    with knn_patch.patched(model, backend="faiss", backend_options={"index": "flat"}, **settings):
+    with knn_patch.patched(
+        model, backend="faiss", backend_options={"index": "flat", "sync_every": 2}, **settings
+    ):
         knn = generate(model, KNNCache(), num_beams=3, max_new_tokens=8)
     assert reorders, "generate reordered the cache"
     assert torch.equal(knn, exact)
@@ -98,7 +104,8 @@ def test_beam_search_reorders_the_indexes(monkeypatch):
 def test_crop_rebuilds_the_index_from_the_kept_keys():
     model = tiny_model("llama")
     ids, _ = prompts()
-    with torch.no_grad(), knn_patch.patched(model, k=2, backend="faiss", backend_options={"index": "flat"}):
+    options = {"index": "flat", "sync_every": 1}
+    with torch.no_grad(), knn_patch.patched(model, k=2, backend="faiss", backend_options=options):
         cache = KNNCache()
         model(input_ids=ids[:, :20], cache=cache)
         model(input_ids=ids[:, 20:21], cache=cache)

@@ -17,7 +17,7 @@ from knn_patch.kernels.topk import topk_attention
 faiss = pytest.importorskip("faiss")
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-SMALL_BLOCKS = {"block_size": 8}  # so that a 40-token sequence really goes through the index
+SMALL_BLOCKS = {"block_size": 8, "sync_every": 8}  # so that a 40-token sequence really goes through the index
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "ef_search": 64,
     "ef_construction": 40,
     "block_size": 512,
+    "sync_every": 64,  # keys join an index in batches; the newest (< sync_every) are scored exactly
 }
 
 
@@ -87,7 +88,7 @@ def validate_index_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"KNNConfig.backend_options['index']={merged['index']!r} is unknown; use one of {INDEX_TYPES}."
         )
-    for name in ("nprobe", "hnsw_m", "ef_search", "ef_construction", "block_size"):
+    for name in ("nprobe", "hnsw_m", "ef_search", "ef_construction", "block_size", "sync_every"):
         _positive_int(merged, name)
     _positive_int(merged, "nlist", allow_none=True)
     return merged

@@ -7,7 +7,9 @@ the keys are split in two disjoint parts:
                 sinks        the index             window prefix   the block
                 (explicit)   (faiss, top-k search) (explicit)      (explicit)
 
-with ws = p0 - local_window + 1. Explicit keys are scored exactly by a matmul; the index returns each
+with ws = p0 - local_window + 1, or lower: keys join the index in batches of `sync_every`, and
+those not yet added (fewer than sync_every) stay explicit, so a decode step adds no key to faiss
+most of the time. Explicit keys are scored exactly by a matmul; the index returns each
 query's k best keys of its part, whose keys are then gathered and scored again in torch, so
 gradients reach q and every selected k and v (faiss itself is not differentiable). Each query then
 keeps its forced keys (sinks, and the local window ending at itself) plus its k best others among
@@ -124,10 +126,12 @@ def retrieval_attention(
             q1 = min(q0 + bs, lq)
             c, p0, p1 = q1 - q0, offset + q0, offset + q1
             ws = max(0, p0 - local_window + 1) if local_window else p0
+            if ws - indexes.seen >= options["sync_every"]:  # keys join the index in batches
+                indexes.sync(key, ws, index_valid, first=n_sinks if mask is None else 0)
+            ws = indexes.seen  # keys from here on (at most sync_every - 1 beyond the window) are explicit
             qb = q_all[:, :, :, q0:q1].reshape(b, hkv, g * c, d)  # (B, Hkv, G*C, D)
             qpos = (torch.arange(c, device=device) + p0).repeat(g).view(1, 1, g * c, 1)  # per score row
 
-            indexes.sync(key, ws, index_valid, first=n_sinks if mask is None else 0)
             ret = indexes.search(qb, k)  # (B, Hkv, G*C, k'), k' = 0 while the index is empty
             parts_pos, parts_s = [], []
             if n_sinks:
