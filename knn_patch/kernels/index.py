@@ -221,7 +221,11 @@ class KeyIndex:
         other = object.__new__(KeyIndex)
         other.__dict__.update(self.__dict__)
         other.positions = self.positions.copy()
-        other.index = self.faiss.clone_index(self.index)
+        if self.gpu is None:
+            other.index = self.faiss.clone_index(self.index)
+        else:  # faiss clones CPU indexes only
+            cpu = self.faiss.clone_index(self.faiss.index_gpu_to_cpu(self.index))
+            other.index = self.faiss.index_cpu_to_gpu(self.gpu, self.device_id, cpu)
         return other
 
     def memory_bytes(self) -> int:
