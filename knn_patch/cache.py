@@ -31,18 +31,42 @@ from .kernels.index import KeyIndexes, faiss_module
 
 
 class KNNLayer(DynamicLayer):
-    """A `DynamicLayer` (keys/values (B, Hkv, L, D), grown by concatenation) plus its `KeyIndexes`."""
+    """A `DynamicLayer` plus its `KeyIndexes`. Keys/values (B, Hkv, L, D) are length-L views of
+    buffers that grow geometrically: appending a token copies only the token, where the dense
+    cache's concatenation copies the whole cache every step."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.indexes: KeyIndexes | None = None
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        keys._knn_layer = weakref.ref(self)  # read by `indexes_for`; a weak reference makes no cycle
-        return keys, values
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, add = self.get_seq_length(), key_states.shape[-2]
+        buffers = self._buffers
+        # a buffer is reused only while self.keys is still its view (crop, reorder... replace it)
+        fresh = (
+            buffers is None
+            or self.keys.data_ptr() != buffers[0].data_ptr()
+            or self.keys.shape[:2] != key_states.shape[:2]
+        )
+        if fresh or buffers[0].shape[-2] < n + add:
+            cap = max(256, 2 * (n + add))
+            grown = []
+            for old, new in ((self.keys, key_states), (self.values, value_states)):
+                buf = new.new_empty(*new.shape[:2], cap, new.shape[-1])  # (B, Hkv, capacity, D)
+                if n:
+                    buf[:, :, :n] = old
+                grown.append(buf)
+            buffers = self._buffers = (grown[0], grown[1])
+        buffers[0][:, :, n : n + add] = key_states
+        buffers[1][:, :, n : n + add] = value_states
+        self.keys, self.values = buffers[0][:, :, : n + add], buffers[1][:, :, : n + add]
+        self.keys._knn_layer = weakref.ref(self)  # read by `indexes_for`; a weak reference makes no cycle
+        return self.keys, self.values
 
     def reset(self) -> None:
         super().reset()

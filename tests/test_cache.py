@@ -117,3 +117,22 @@ def test_crop_rebuilds_the_index_from_the_kept_keys():
         model(input_ids=ids[:, :16], cache=fresh)
         again = model(input_ids=ids[:, 16:17], cache=fresh).logits
     torch.testing.assert_close(step, again)
+
+
+def test_knn_cache_stores_what_the_dense_cache_stores_through_growth_crop_and_reorder():
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    knn, dense = KNNCache(), DynamicCache()
+    for step, length in enumerate([5, 1, 300, 1, 1]):  # 300 outgrows the first buffer
+        kv = torch.randn(2, 2, length, 4), torch.randn(2, 2, length, 4)
+        out_knn, out_dense = knn.update(*kv, 0), dense.update(*kv, 0)
+        for a, b in zip(out_knn, out_dense, strict=True):
+            assert torch.equal(a, b), step
+        if step == 2:
+            knn.crop(-3), dense.crop(-3)
+        if step == 3:
+            beams = torch.tensor([1, 1])
+            knn.reorder_cache(beams), dense.reorder_cache(beams)
+    assert knn.get_seq_length() == dense.get_seq_length() == 305
+    assert torch.equal(knn.layers[0].keys, dense.layers[0].keys)

@@ -30,11 +30,24 @@ import torch
 from .index import TRAIN_POINTS_PER_LIST, KeyIndexes, resolve_nlist
 
 
+def _row_table(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x (B, H, L, E) as a 2-D table of rows and the row count per (b, h), without a copy when x is
+    contiguous or a length-L view of a contiguous (B, H, capacity, E) buffer (KNNCache's keys)."""
+    b, h, n, e = x.shape
+    if x.is_contiguous():
+        return x.reshape(b * h * n, e), n
+    cap = x.stride(1) // e if x.stride(-1) == 1 and x.stride(-2) == e else 0
+    if cap >= n and x.stride(1) == cap * e and x.stride(0) == h * cap * e:
+        return x.as_strided((b * h * cap, e), (e, 1)), cap
+    return x.reshape(b * h * n, e), n
+
+
 def _gather(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """x (B, Hkv, L, E), pos (B, Hkv, R, t) (any int, -1 allowed: read as 0) -> (B, Hkv, R, t, E)."""
-    b, h, n, e = x.shape
+    b, h, _, e = x.shape
+    table, n = _row_table(x)
     flat = pos.clamp_min(0) + (torch.arange(b * h, device=x.device) * n).view(b, h, 1, 1)
-    return x.reshape(b * h * n, e).index_select(0, flat.reshape(-1)).view(*pos.shape, e)
+    return table.index_select(0, flat.reshape(-1)).view(*pos.shape, e)
 
 
 def _weighted_rows(x: torch.Tensor, pos: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -42,11 +55,12 @@ def _weighted_rows(x: torch.Tensor, pos: torch.Tensor, w: torch.Tensor) -> torch
 
     `embedding_bag` fuses the gather and the weighted sum (differentiable in x and w), never
     materialising the (R, t, E) gathered rows."""
-    b, h, n, e = x.shape
+    b, h, _, e = x.shape
+    table, n = _row_table(x)
     flat = pos.clamp_min(0) + (torch.arange(b * h, device=x.device) * n).view(b, h, 1, 1)
     t = pos.shape[-1]
     out = torch.nn.functional.embedding_bag(
-        flat.reshape(-1, t), x.reshape(b * h * n, e), per_sample_weights=w.reshape(-1, t), mode="sum"
+        flat.reshape(-1, t), table, per_sample_weights=w.reshape(-1, t), mode="sum"
     )
     return out.view(*pos.shape[:-1], e)
 
