@@ -25,6 +25,7 @@ def test_fit_exponent_recovers_a_power_law():
     assert fit_exponent([1024], [1.0]) is None
 
 
+@pytest.mark.slow
 def test_growth_rows_hold_times_recall_and_exponents():
     result = run_growth(
         [1024, 2048],
