@@ -8,6 +8,7 @@ knn_patch.unpatch(model)                      # back to the model's own attentio
 
 __version__ = "0.1.0"
 
+from .cache import KNNCache
 from .config import KNNConfig, resolve_k
 from .loading import HubUnavailableError, load_default, load_model, load_tokenizer
 from .patcher import (
@@ -23,6 +24,7 @@ from .registry import available_backends, register_backend
 
 __all__ = [
     "HubUnavailableError",
+    "KNNCache",
     "KNNConfig",
     "UnsupportedModelError",
     "available_backends",

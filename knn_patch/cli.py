@@ -1,5 +1,5 @@
 """`knn-patch` command line: `demo`, `eval` (dense against kNN perplexity), `report`, `finetune`,
-`bench`, `prepare`."""
+`bench`, `faiss-bench`, `prepare`."""
 
 from __future__ import annotations
 
@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> None:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["faiss-bench"]:  # `knn-patch faiss-bench --help`
+        from .bench_faiss import main as faiss_bench_main
+
+        return faiss_bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="knn-patch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="the eval command on the embedded model and bundled speeches")
@@ -180,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("prepare", help=prepare.__doc__)
     p.set_defaults(func=prepare)
     sub.add_parser("bench", help="attention kernel speed and memory against SDPA and eager")
+    sub.add_parser("faiss-bench", help="faiss backend: full-sequence growth, KNNCache decode, recall")
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -1,0 +1,320 @@
+"""faiss benchmarks: full-sequence growth of one attention layer, and per-token decode with KNNCache.
+
+    knn-patch faiss-bench growth --n 4096 8192 16384 32768 65536
+    knn-patch faiss-bench decode --cache 8192 32768
+
+Growth: one layer of SmolLM2's shape (B=1, 9 query heads, 3 KV heads, D=64), causal fp32 forward
+under `no_grad` on random normal q/k/v (fixed seed): faiss (ivf, hnsw) against the exact `topk`
+kernel and SDPA. Each time is the median of `repeats` runs after a warm-up at n=1024; faiss times
+include building the index (it is part of every forward). The growth exponent is the least-squares
+slope of log(time) on log(n). Recall@k of each faiss index is measured on the same inputs
+(`recall_at_k`); random Gaussian keys are a hard case for an index (no cluster structure), so
+recall on real SmolLM2 activations is reported separately (`--real-recall`).
+
+Decode: the whole embedded model, its cache filled with `cache` random normal keys/values per
+layer (a real prefill at 32k takes many minutes on CPU, and positions past 8192 extrapolate
+anyway, so speed is what counts here). Then `steps` greedy one-token steps are timed with the
+dense `DynamicCache` (SDPA) and with `KNNCache` (faiss backend), after warm-up steps that build
+the index. Timings on a shared machine are noisy; the JSON records the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from .bench import machine_info
+from .cache import KNNCache
+from .io import atomic_write, write_json_atomic
+from .kernels.index import faiss_module, validate_index_options
+from .kernels.retrieval import recall_at_k, retrieval_attention
+from .kernels.topk import topk_attention
+
+GROWTH_METHODS = ("sdpa", "topk", "faiss-ivf", "faiss-hnsw")
+
+
+def fit_exponent(ns: list[int], times: list[float]) -> float | None:
+    """Least-squares slope of log(time) against log(n): time ~ n^slope."""
+    if len(ns) < 2:
+        return None
+    xs, ys = [math.log(n) for n in ns], [math.log(t) for t in times]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+
+
+def _layer_fn(method: str, k: int, options: dict) -> Callable[..., torch.Tensor]:
+    if method == "sdpa":
+        return lambda q, kk, v: F.scaled_dot_product_attention(q, kk, v, is_causal=True, enable_gqa=True)
+    if method == "topk":
+        return lambda q, kk, v: topk_attention(q, kk, v, k=k)[0]
+    opts = validate_index_options({**options, "index": method.split("-")[1]})
+    return lambda q, kk, v: retrieval_attention(q, kk, v, k=k, options=opts)[0]
+
+
+def _inputs(n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, h, n, 64, generator=gen) for h in (9, 3, 3))  # q, k, v
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_growth(
+    ns: list[int],
+    *,
+    k: int = 32,
+    methods: tuple[str, ...] = GROWTH_METHODS,
+    options: dict | None = None,
+    repeats: int = 1,
+    recall_queries: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """{"rows": [{"n", "times": {method: s}, "recall": {method: r}}], "exponents": {method: slope}}."""
+    from rich.progress import Progress
+
+    options = options or {}
+    rows = []
+    with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("growth", total=len(ns) * len(methods))
+        for method in methods:  # warm-up: lazy initialisation and the compiled selection
+            _layer_fn(method, k, options)(*_inputs(min(1024, *ns), seed))
+        for n in ns:
+            q, kk, v = _inputs(n, seed)
+            row: dict = {"n": n, "times": {}, "recall": {}}
+            for method in methods:
+                bar.update(task, description=f"n={n} {method}")
+                fn = _layer_fn(method, k, options)
+                row["times"][method] = _median_time(partial(fn, q, kk, v), repeats)
+                if method.startswith("faiss"):
+                    opts = validate_index_options({**options, "index": method.split("-")[1]})
+                    try:
+                        recall = recall_at_k(q, kk, k=k, options=opts, n_queries=recall_queries)
+                    except ValueError:  # too short for ivf to have trained: no approximate search
+                        recall = None
+                    row["recall"][method] = recall
+                bar.advance(task)
+            rows.append(row)
+    exponents = {m: fit_exponent([r["n"] for r in rows], [r["times"][m] for r in rows]) for m in methods}
+    return {"rows": rows, "exponents": exponents}
+
+
+def real_recall(
+    n: int = 4096, layers: tuple[int, ...] = (3, 10), k: int = 32, options: dict | None = None
+) -> dict:
+    """Recall@k of ivf and hnsw (default settings unless `options`) on post-RoPE queries/keys of the
+    embedded default's `layers` over the first n tokens of the longest of the first 40 bundled speeches."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from .assets import bundled_corpus_dir
+    from .loading import load_default
+    from .patcher import patched
+    from .registry import register_backend
+
+    model, tokenizer = load_default()
+    path = max(sorted(bundled_corpus_dir().glob("*.txt"))[:40], key=lambda p: p.stat().st_size)
+    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :n]
+    model.model.layers = model.model.layers[: max(layers) + 1]  # later layers do not change these
+    captured: dict = {}
+
+    def record(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, knn_config, **kw):
+        captured[module.layer_idx] = (query.detach().clone(), key.detach().clone())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
+
+    register_backend("record_qk", record)
+    with torch.no_grad(), patched(model, backend="record_qk", layers=list(layers)):
+        model.model(input_ids=ids)
+    out = {"document": path.name, "tokens": ids.shape[1], "k": k, "recall": {}}
+    for index in ("ivf", "hnsw"):
+        opts = validate_index_options({**(options or {}), "index": index})
+        out["recall"][index] = {
+            layer: recall_at_k(q, key, k=k, options=opts, n_queries=256)
+            for layer, (q, key) in captured.items()
+        }
+    return out
+
+
+def _fill(cache, model, n: int, seed: int) -> None:
+    """Put n random normal keys/values (std of real SmolLM2 keys is ~2) into every layer of `cache`."""
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    gen = torch.Generator().manual_seed(seed)
+    for layer in range(cfg.num_hidden_layers):
+        kv = [torch.randn(1, cfg.num_key_value_heads, n, hd, generator=gen) * 2 for _ in range(2)]
+        cache.update(kv[0], kv[1], layer)
+
+
+def run_decode(
+    cache_lengths: list[int],
+    *,
+    k: int = 32,
+    options: dict | None = None,
+    steps: int = 8,
+    warmup: int = 2,
+    sink_tokens: int = 4,
+    local_window: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Per-token decode seconds of the embedded default: dense cache (SDPA) against KNNCache (faiss)."""
+    from rich.progress import Progress
+
+    from .loading import load_default
+    from .patcher import patched
+
+    model, _ = load_default()
+    options = {"index": "ivf", **(options or {})}
+    rows = []
+    with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("decode", total=2 * len(cache_lengths))
+        for n in cache_lengths:
+            row: dict = {"cache": n}
+            for name in ("dense", "knn"):
+                bar.update(task, description=f"cache {n} {name}")
+                cache = DynamicCache() if name == "dense" else KNNCache()
+                _fill(cache, model, n, seed)
+                token = torch.tensor([[42]])
+
+                def step(cache=cache, token=token) -> None:
+                    model(input_ids=token, cache=cache, use_cache=True)
+
+                settings = dict(k=k, backend="faiss", backend_options=options)
+                settings.update(sink_tokens=sink_tokens, local_window=local_window)
+                ctx = patched(model, **settings) if name == "knn" else contextlib.nullcontext()
+                with ctx:
+                    t0 = time.perf_counter()
+                    for _ in range(warmup):  # the first kNN step builds the indexes
+                        step()
+                    row[f"{name}_warmup_s"] = time.perf_counter() - t0
+                    times = []
+                    for _ in range(steps):
+                        t0 = time.perf_counter()
+                        step()
+                        times.append(time.perf_counter() - t0)
+                row[f"{name}_s"] = statistics.median(times)
+                if name == "knn":
+                    row["index_bytes"] = cache.index_memory_bytes()
+                bar.advance(task)
+            row["ratio"] = row["knn_s"] / row["dense_s"]
+            rows.append(row)
+    return {
+        "rows": rows,
+        "options": options,
+        "k": k,
+        "sink_tokens": sink_tokens,
+        "local_window": local_window,
+    }
+
+
+def _plot_growth(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ns = [r["n"] for r in result["rows"]]
+    for m, slope in result["exponents"].items():
+        label = m if slope is None else f"{m} (n^{slope:.2f})"
+        ax.loglog(ns, [r["times"][m] for r in result["rows"]], "o-", label=label)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()
+    ax.set(xlabel="sequence length n", ylabel="forward time (s)", title="One layer (Hq=9, Hkv=3, D=64), k=32")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def _print_growth(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    methods = list(result["exponents"])
+    table = Table(title="Full-sequence forward, one layer, causal fp32 (s); recall@k on the same inputs")
+    for col in ("n", *methods, *(f"recall {m}" for m in methods if m.startswith("faiss"))):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        times = [f"{r['times'][m]:.3f}" for m in methods]
+        table.add_row(str(r["n"]), *times, *("-" if v is None else f"{v:.3f}" for v in r["recall"].values()))
+    table.add_row("exponent", *("-" if s is None else f"{s:.2f}" for s in result["exponents"].values()))
+    Console().print(table)
+
+
+def _print_decode(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Per-token decode, embedded SmolLM2, k={result['k']}, {result['options']}")
+    for col in ("cache", "dense (s)", "KNNCache (s)", "ratio", "index memory", "index build (s)"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(
+            str(r["cache"]),
+            f"{r['dense_s']:.4f}",
+            f"{r['knn_s']:.4f}",
+            f"{r['ratio']:.2f}×",
+            f"{r['index_bytes'] / 2**20:.1f} MiB",
+            f"{r['knn_warmup_s']:.1f}",
+        )
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="knn-patch faiss-bench", description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("growth", "decode", "recall"))
+    p.add_argument(
+        "--n", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536], help="growth lengths"
+    )
+    p.add_argument("--cache", type=int, nargs="+", default=[8192, 32768], help="decode cache lengths")
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--methods", nargs="+", default=list(GROWTH_METHODS), choices=GROWTH_METHODS)
+    p.add_argument("--index", default="ivf", help="decode: faiss index type")
+    p.add_argument("--repeats", type=int, default=1, help="growth: timed runs per point (median)")
+    p.add_argument("--steps", type=int, default=8, help="decode: timed steps (median)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--faiss-threads",
+        type=int,
+        default=None,
+        help="OpenMP threads (faiss and torch share the runtime: sets both)",
+    )
+    p.add_argument("--out", default="outputs/faiss_bench")
+    args = p.parse_args(argv)
+    if args.faiss_threads is not None:
+        faiss_module().omp_set_num_threads(args.faiss_threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.what == "growth":
+        result = run_growth(
+            args.n, k=args.k, methods=tuple(args.methods), repeats=args.repeats, seed=args.seed
+        )
+        _print_growth(result)
+        _plot_growth(result, out / "growth.png")
+    elif args.what == "decode":
+        result = run_decode(
+            args.cache, k=args.k, options={"index": args.index}, steps=args.steps, seed=args.seed
+        )
+        _print_decode(result)
+    else:
+        result = real_recall(k=args.k)
+        print(result)
+    result.update(args=vars(args), machine=machine_info())
+    path = write_json_atomic(out / f"{args.what}.json", result)
+    print(f"wrote {path}")

@@ -1,0 +1,302 @@
+"""faiss key indexes for kNN attention: one index per (batch row, KV head), grown as keys arrive.
+
+Shared by the `faiss` backend (keys added block by block during a full-sequence forward) and by
+`KNNCache` (keys added as the KV cache grows). faiss cannot delete entries, so an index only ever
+grows; callers that shrink their keys (`crop`) rebuild it.
+
+Index types (`index` option):
+- "flat": exact inner product (`IndexFlatIP`); retrieval equals exact top-k.
+- "ivf": `IndexIVFFlat` (inner product), `nlist` lists, `nprobe` probed per query. It is trained on
+  the first `39 * nlist` keys (faiss's minimum of 39 training points per list); until that many
+  keys exist, an exact flat index serves the searches. `nlist` defaults to ceil(sqrt(n)) for n
+  keys and is capped at max(1, n // 39); an explicit `nlist` above the cap is lowered, with a warning.
+- "hnsw": `IndexHNSWFlat` over the L2 reduction of inner-product search (each key gets an extra
+  coordinate sqrt(R^2 - |k|^2), each query a 0, so the nearest in L2 are the largest in inner
+  product): an HNSW graph built on raw inner products reached recall@32 of only 0.40-0.80 on some
+  SmolLM2 heads at ef_search=64, the reduction 0.99+. R is 1.25x the largest key norm when the index
+  is created (the whole call's keys, or the cache's keys at its first kNN step); a later key above R
+  gets the coordinate 0 (it is then over-retrieved, never lost). `hnsw_m` links per node,
+  `ef_search` search breadth (raised to the number of results when larger), `ef_construction` build
+  breadth.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("knn_patch")
+
+INDEX_TYPES = ("flat", "ivf", "hnsw")
+TRAIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per IVF list
+NORM_MARGIN = 1.25  # HNSW's L2 reduction radius over the largest key norm seen at creation
+
+# Default options: nprobe/ef_search chosen for recall@k >= 0.9 on SmolLM2 activations (see tests).
+DEFAULTS: dict[str, Any] = {
+    "index": "ivf",
+    "nlist": None,  # None: ceil(sqrt(n)), n the keys of the call (or of the prompt, for KNNCache)
+    "nprobe": 16,
+    "hnsw_m": 32,
+    "ef_search": 64,
+    "ef_construction": 40,
+    "block_size": 512,
+    "sync_every": 64,  # keys join an index in batches; the newest (< sync_every) are scored exactly
+}
+
+
+class FaissMissingError(ImportError):
+    """faiss is not installed."""
+
+
+@functools.cache
+def faiss_module():
+    """Import faiss lazily, with an error that names the fix."""
+    try:
+        import faiss
+    except ImportError as err:
+        raise FaissMissingError(
+            "The faiss backend and KNNCache need faiss: `pip install faiss-cpu`, or "
+            "`pip install knn-patch[gpu]` for faiss-gpu on CUDA."
+        ) from err
+    return faiss
+
+
+def _positive_int(options: Mapping[str, Any], name: str, *, allow_none: bool = False) -> None:
+    value = options.get(name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        none = " or None" if allow_none else ""
+        raise ValueError(f"KNNConfig.backend_options[{name!r}]={value!r} is invalid: use an int >= 1{none}.")
+
+
+def validate_index_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options merged over `DEFAULTS`; ValueError naming the option for unknown keys or bad values."""
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"Unknown faiss backend_options {unknown}; allowed: {sorted(DEFAULTS)} (defaults {DEFAULTS})."
+        )
+    merged = {**DEFAULTS, **options}
+    if merged["index"] not in INDEX_TYPES:
+        raise ValueError(
+            f"KNNConfig.backend_options['index']={merged['index']!r} is unknown; use one of {INDEX_TYPES}."
+        )
+    for name in ("nprobe", "hnsw_m", "ef_search", "ef_construction", "block_size", "sync_every"):
+        _positive_int(merged, name)
+    _positive_int(merged, "nlist", allow_none=True)
+    return merged
+
+
+def resolve_nlist(nlist: int | None, n: int) -> int:
+    """IVF list count for n keys: ceil(sqrt(n)) by default, capped at max(1, n // 39) so that every
+    list gets faiss's minimum of 39 training keys; an explicit value above the cap warns."""
+    cap = max(1, n // TRAIN_POINTS_PER_LIST)
+    if nlist is None:
+        return min(max(1, math.ceil(math.sqrt(n))), cap)
+    if nlist > cap:
+        logger.warning(
+            "knn_patch: nlist=%d is too large for %d keys (faiss needs %d training keys per list); "
+            "using nlist=%d (= max(1, n // %d)).",
+            nlist,
+            n,
+            TRAIN_POINTS_PER_LIST,
+            cap,
+            TRAIN_POINTS_PER_LIST,
+        )
+        return cap
+    return nlist
+
+
+@functools.cache
+def _gpu_resources():
+    faiss = faiss_module()
+    return faiss.StandardGpuResources() if hasattr(faiss, "StandardGpuResources") else None
+
+
+@functools.cache
+def _warn_cpu_fallback(kind: str) -> None:
+    logger.warning(
+        "knn_patch: faiss-gpu %s; the %s faiss index runs on CPU and keys are copied there and back. "
+        "Install faiss-gpu (`pip install knn-patch[gpu]`) for CUDA indexes.",
+        "does not serve HNSW" if kind == "hnsw" else "is not installed",
+        kind,
+    )
+
+
+class KeyIndex:
+    """The keys of one (batch row, KV head): positions in the sequence map to faiss ids.
+
+    `add` takes keys in sequence order and a validity mask (padding is never indexed); `search`
+    returns sequence positions (-1 where fewer results exist).
+    """
+
+    def __init__(
+        self, dim: int, *, options: Mapping[str, Any], n_hint: int, norm_hint: float, device: torch.device
+    ) -> None:
+        self.faiss = faiss_module()
+        self.radius = NORM_MARGIN * norm_hint
+        self.dim, self.kind = dim, options["index"]
+        self.options = dict(options)
+        self.nlist = resolve_nlist(options["nlist"], n_hint) if self.kind == "ivf" else 0
+        self.gpu = _gpu_resources() if device.type == "cuda" and self.kind != "hnsw" else None
+        if device.type == "cuda" and self.gpu is None:
+            _warn_cpu_fallback(self.kind)
+        self.device_id = (device.index or 0) if device.type == "cuda" else -1
+        self.seen = 0  # sequence positions consumed by `add` (valid or not)
+        self.positions = np.zeros(0, dtype=np.int64)  # faiss id -> sequence position
+        self.trained = self.kind != "ivf"
+        self.index = self._new(self.kind if self.trained else "flat")
+
+    def _new(self, kind: str):
+        faiss = self.faiss
+        if kind == "flat":
+            index = faiss.IndexFlatIP(self.dim)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(self.dim + 1, self.options["hnsw_m"])  # L2 on (k, sqrt(R^2 - |k|^2))
+            index.hnsw.efConstruction = self.options["ef_construction"]
+        else:
+            self._quantizer = faiss.IndexFlatIP(self.dim)  # the IVF index does not own it: keep it alive
+            index = faiss.IndexIVFFlat(self._quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        if self.gpu is not None:
+            index = faiss.index_cpu_to_gpu(self.gpu, self.device_id, index)
+        return index
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def add(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Append keys (L, D) at positions seen..seen+L-1; `valid` (L,) bool leaves padding out."""
+        pos = np.arange(self.seen, self.seen + keys.shape[0], dtype=np.int64)
+        x = keys.detach().to(device="cpu", dtype=torch.float32)
+        if valid is not None:
+            keep = valid.detach().cpu().numpy()
+            pos, x = pos[keep], x[torch.from_numpy(keep)]
+        self.seen += keys.shape[0]
+        if len(pos) == 0:
+            return
+        self.index.add(self._lift(x, keys=True))
+        self.positions = np.concatenate([self.positions, pos])
+        if not self.trained and self.ntotal >= TRAIN_POINTS_PER_LIST * self.nlist:
+            self._train_ivf()
+
+    def _lift(self, x: torch.Tensor, *, keys: bool) -> np.ndarray:
+        """(R, D) fp32 CPU -> the array faiss gets: HNSW adds the L2-reduction coordinate."""
+        if self.kind == "hnsw":
+            extra = (self.radius**2 - x.square().sum(-1)).clamp_min(0).sqrt() if keys else x.new_zeros(len(x))
+            x = torch.cat([x, extra.unsqueeze(-1)], -1)  # (R, D + 1)
+        return np.ascontiguousarray(x.numpy())
+
+    def _train_ivf(self) -> None:
+        """Replace the interim flat index by an IVF trained on (and holding) the keys so far."""
+        xb = self.index.reconstruct_n(0, self.ntotal)
+        self.index = self._new("ivf")
+        self.index.train(xb)
+        self.index.add(xb)
+        self.index.nprobe = min(self.options["nprobe"], self.nlist)  # an attribute: CPU and GPU IVF alike
+        self.trained = True
+
+    def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """Positions (R, min(k, ntotal)) of the largest inner products with queries (R, D); -1 pads."""
+        n = self.ntotal
+        r = queries.shape[0]
+        if k >= n:  # every indexed key is wanted: no search
+            return torch.from_numpy(self.positions).expand(r, n)
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = max(self.options["ef_search"], k)
+        x = queries.detach().to(device="cpu", dtype=torch.float32)
+        _, ids = self.index.search(self._lift(x, keys=False), k)
+        pos = np.where(ids >= 0, self.positions[np.maximum(ids, 0)], -1)
+        return torch.from_numpy(pos)
+
+    def clone(self) -> KeyIndex:
+        """An independent copy (beam search may keep one row twice)."""
+        other = object.__new__(KeyIndex)
+        other.__dict__.update(self.__dict__)
+        other.positions = self.positions.copy()
+        if self.gpu is None:
+            other.index = self.faiss.clone_index(self.index)
+        else:  # faiss clones CPU indexes only
+            cpu = self.faiss.clone_index(self.faiss.index_gpu_to_cpu(self.index))
+            other.index = self.faiss.index_cpu_to_gpu(self.gpu, self.device_id, cpu)
+        return other
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the index: stored vectors, plus HNSW links or IVF centroids and ids."""
+        n = self.ntotal
+        extra = self.positions.nbytes
+        if self.kind == "hnsw":
+            extra += n * (
+                4 + 2 * self.options["hnsw_m"] * 4
+            )  # the extra coordinate, ~2M int32 links per node
+        elif self.trained and self.kind == "ivf":
+            extra += self.nlist * self.dim * 4 + n * 8  # centroids, and an int64 id per stored vector
+        return n * self.dim * 4 + extra
+
+
+class KeyIndexes:
+    """One `KeyIndex` per (batch row, KV head), kept in step: all have consumed the same positions."""
+
+    def __init__(self, key: torch.Tensor, *, options: Mapping[str, Any], n_hint: int | None = None) -> None:
+        """Empty indexes for keys shaped like key (B, Hkv, L, D); key also sets HNSW's norm radius."""
+        b, hkv, n, d = key.shape
+        norms = key.detach().float().norm(dim=-1).amax(-1).tolist() if n else [[1.0] * hkv] * b  # (B, Hkv)
+        self.rows = [
+            [
+                KeyIndex(d, options=options, n_hint=n_hint or n, norm_hint=norms[i][h], device=key.device)
+                for h in range(hkv)
+            ]
+            for i in range(b)
+        ]
+
+    @property
+    def seen(self) -> int:
+        return self.rows[0][0].seen
+
+    def sync(self, key: torch.Tensor, upto: int, valid: torch.Tensor | None = None, first: int = 0) -> None:
+        """Add key (B, Hkv, L, D) positions [seen, upto); `valid` (B|1, L) bool leaves those False out,
+        and positions below `first` are left out too."""
+        start = self.seen
+        if upto < start:
+            raise RuntimeError(f"The key index already holds {start} positions, more than the {upto} asked.")
+        if upto == start:
+            return
+        for b, row in enumerate(self.rows):
+            ok = None if valid is None else valid[b if valid.shape[0] > 1 else 0, start:upto]
+            if first > start:
+                above = torch.arange(start, upto) >= first
+                ok = above if ok is None else ok & above
+            for h, index in enumerate(row):
+                index.add(key[b, h, start:upto], ok)
+
+    def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """Positions (B, Hkv, R, k') for queries (B, Hkv, R, D): one faiss call per KV head, all of its
+        query heads together; k' = min(k, largest ntotal), -1 where an index has fewer results."""
+        found = [
+            [index.search(queries[b, h], k) for h, index in enumerate(row)] for b, row in enumerate(self.rows)
+        ]
+        width = max(p.shape[-1] for row in found for p in row)
+        out = torch.full((*queries.shape[:3], width), -1, dtype=torch.long)
+        for b, row in enumerate(found):
+            for h, pos in enumerate(row):
+                out[b, h, :, : pos.shape[-1]] = pos
+        return out.to(queries.device)
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Rows follow `beam_idx`; a row chosen twice is cloned so the copies grow independently."""
+        used: set[int] = set()
+        new_rows = []
+        for i in beam_idx.tolist():
+            new_rows.append([index.clone() for index in self.rows[i]] if i in used else self.rows[i])
+            used.add(i)
+        self.rows = new_rows
+
+    def memory_bytes(self) -> int:
+        return sum(index.memory_bytes() for row in self.rows for index in row)

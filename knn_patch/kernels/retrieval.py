@@ -1,0 +1,238 @@
+"""kNN attention with a faiss index over earlier keys: causal blocks, exact inside, retrieval outside.
+
+Queries go in causal blocks of `block_size`. For a block whose first query sits at position p0,
+the keys are split in two disjoint parts:
+
+    position:   0 .. s-1     s .. ws-1             ws .. p0-1      p0 .. p1-1
+                sinks        the index             window prefix   the block
+                (explicit)   (faiss, top-k search) (explicit)      (explicit)
+
+with ws = p0 - local_window + 1, or lower: keys join the index in batches of `sync_every`, and
+those not yet added (fewer than sync_every) stay explicit, so a decode step adds no key to faiss
+most of the time. Explicit keys are scored exactly by a matmul; the index returns each
+query's k best keys of its part, whose keys are then gathered and scored again in torch, so
+gradients reach q and every selected k and v (faiss itself is not differentiable). Each query then
+keeps its forced keys (sinks, and the local window ending at itself) plus its k best others among
+all candidates, and takes one softmax over them: the log-sum-exp merge of the two parts.
+
+Since every index key is non-forced for all queries of the block, the exact top-k of a query is
+always inside explicit + top-k(index): with a flat index this equals exact top-k attention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .index import TRAIN_POINTS_PER_LIST, KeyIndexes, resolve_nlist
+
+
+def _row_table(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x (B, H, L, E) as a 2-D table of rows and the row count per (b, h), without a copy when x is
+    contiguous or a length-L view of a contiguous (B, H, capacity, E) buffer (KNNCache's keys)."""
+    b, h, n, e = x.shape
+    if x.is_contiguous():
+        return x.reshape(b * h * n, e), n
+    cap = x.stride(1) // e if x.stride(-1) == 1 and x.stride(-2) == e else 0
+    if cap >= n and x.stride(1) == cap * e and x.stride(0) == h * cap * e:
+        return x.as_strided((b * h * cap, e), (e, 1)), cap
+    return x.reshape(b * h * n, e), n
+
+
+def _gather(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x (B, Hkv, L, E), pos (B, Hkv, R, t) (any int, -1 allowed: read as 0) -> (B, Hkv, R, t, E)."""
+    b, h, _, e = x.shape
+    table, n = _row_table(x)
+    flat = pos.clamp_min(0) + (torch.arange(b * h, device=x.device) * n).view(b, h, 1, 1)
+    return table.index_select(0, flat.reshape(-1)).view(*pos.shape, e)
+
+
+def _weighted_rows(x: torch.Tensor, pos: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_t w[..., t] * x[b, h, pos[..., t]]: x (B, Hkv, L, E), pos and w (B, Hkv, R, t) -> (B, Hkv, R, E).
+
+    `embedding_bag` fuses the gather and the weighted sum (differentiable in x and w), never
+    materialising the (R, t, E) gathered rows."""
+    b, h, _, e = x.shape
+    table, n = _row_table(x)
+    flat = pos.clamp_min(0) + (torch.arange(b * h, device=x.device) * n).view(b, h, 1, 1)
+    t = pos.shape[-1]
+    out = torch.nn.functional.embedding_bag(
+        flat.reshape(-1, t), table, per_sample_weights=w.reshape(-1, t), mode="sum"
+    )
+    return out.view(*pos.shape[:-1], e)
+
+
+def _mask_at(mask: torch.Tensor | None, pos: torch.Tensor, q0: int, c: int, g: int) -> torch.Tensor | None:
+    """Visibility (B, Hkv, G*C, t) of key positions pos (B, Hkv, G*C, t) for queries q0..q0+c-1, from
+    the grouped mask (B|1, 1|Hkv, 1|G, Lq, Lk); None when there is no mask."""
+    if mask is None:
+        return None
+    b, h = pos.shape[:2]
+    rows = mask[..., q0 : q0 + c, :].expand(b, h, g, c, mask.shape[-1]).reshape(b, h, g * c, -1)
+    return rows.gather(-1, pos.clamp_min(0))
+
+
+def retrieval_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    k: int,
+    options: Mapping[str, Any],
+    scale: float | None = None,
+    sink_tokens: int = 0,
+    local_window: int = 0,
+    softcap: float | None = None,
+    dropout: float = 0.0,
+    indexes: KeyIndexes | None = None,
+    return_positions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal kNN attention whose far keys come from faiss.
+
+    Shapes: query (B, Hq, Lq, D); key (B, Hkv, Lk, D); value (B, Hkv, Lk, Dv); Hq a multiple of Hkv.
+    Queries are the last Lq positions (bottom-right causal alignment). `attention_mask` is boolean,
+    broadcastable to (B, Hq, Lq, Lk), True = may see; keys no query may see (padding) and sink keys
+    are never indexed. `options` are the validated faiss options (index type, block size...).
+    `indexes` (a KNNCache's) must hold no key at or after the first block's window start; without
+    it a fresh index is built for this call, a flat one when Lq < block_size (an approximate index
+    would cost more to build than scoring the keys). The sinks are the first `sink_tokens` keys
+    a row may see. A row that may see no key gets zero output.
+
+    Returns out (B, Hq, Lq, Dv) in the query's dtype and, with `return_positions`, the kept key
+    positions (B, Hq, Lq, k + sink_tokens + local_window) as int64, -1 in unused slots.
+    """
+    b, hq, lq, d = query.shape
+    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[-1]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}).")
+    g, offset, device = hq // hkv, lk - lq, query.device
+    scale = d**-0.5 if scale is None else scale
+    bs = options["block_size"]
+    if attention_mask is not None:
+        mb, mh = attention_mask.shape[:2]
+        mask = attention_mask.expand(mb, mh, lq, lk)
+        # (B|1, 1|Hq, Lq, Lk) -> (B|1, 1|Hkv, 1|G, Lq, Lk), the grouped query layout
+        mask = mask.unsqueeze(1) if mh == 1 else mask.unflatten(1, (hkv, g))
+        valid = mask.flatten(1, 3).any(1)  # (B|1, Lk): keys some query may see
+        is_sink = valid & (valid.cumsum(-1) <= sink_tokens)  # (B|1, Lk): the first visible keys
+        n_sinks = int(is_sink.sum(-1).max()) if sink_tokens else 0
+        sink_pos = torch.sort(torch.where(is_sink, torch.arange(lk, device=device), lk), -1).values
+        sink_pos = torch.where(sink_pos < lk, sink_pos, -1)[:, :n_sinks]  # (B|1, s): -1 past a row's sinks
+        index_valid = (valid & ~is_sink).cpu()  # padding and sinks are never indexed
+    else:  # plain causal: the sinks are positions 0..s-1, and nothing O(Lk) is built (decode steps)
+        mask, n_sinks, index_valid = None, min(sink_tokens, lk), None
+        sink_pos = torch.arange(n_sinks, device=device).view(1, n_sinks)
+    if indexes is None:
+        opts = dict(options) if lq >= bs else {**options, "index": "flat"}
+        indexes = KeyIndexes(key, options=opts)
+
+    acc = torch.promote_types(query.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
+    width = k + sink_tokens + local_window
+    outs, kept = [], []
+    with torch.autocast(device_type=device.type, enabled=False):
+        q_all = query.to(acc).view(b, hkv, g, lq, d)  # the heads of one KV group together (a view)
+        k_all, v_all = key.to(acc), value.to(acc)
+        for q0 in range(0, lq, bs):
+            q1 = min(q0 + bs, lq)
+            c, p0, p1 = q1 - q0, offset + q0, offset + q1
+            ws = max(0, p0 - local_window + 1) if local_window else p0
+            if ws - indexes.seen >= options["sync_every"]:  # keys join the index in batches
+                indexes.sync(key, ws, index_valid, first=n_sinks if mask is None else 0)
+            ws = indexes.seen  # keys from here on (at most sync_every - 1 beyond the window) are explicit
+            qb = q_all[:, :, :, q0:q1].reshape(b, hkv, g * c, d)  # (B, Hkv, G*C, D)
+            qpos = (torch.arange(c, device=device) + p0).repeat(g).view(1, 1, g * c, 1)  # per score row
+
+            ret = indexes.search(qb, k)  # (B, Hkv, G*C, k'), k' = 0 while the index is empty
+            parts_pos, parts_s = [], []
+            if n_sinks:
+                sp = sink_pos.expand(b, n_sinks)
+                sp = torch.where(sp < ws, sp, -1).view(b, 1, 1, n_sinks).expand(b, hkv, g * c, n_sinks)
+                parts_pos.append(sp)
+            if ret.shape[-1]:
+                parts_pos.append(ret)  # (B, Hkv, G*C, k')
+            gathered = torch.cat(parts_pos, -1) if parts_pos else None
+            if gathered is not None:  # sinks and retrieved keys: gathered, then scored exactly
+                kg = _gather(k_all, gathered)  # (B, Hkv, G*C, t, D)
+                parts_s.append((kg @ qb.unsqueeze(-1)).squeeze(-1))  # (B, Hkv, G*C, t)
+            epos = torch.arange(ws, p1, device=device).expand(b, hkv, g * c, p1 - ws)
+            parts_s.append(qb @ k_all[:, :, ws:p1].transpose(-1, -2))  # (B, Hkv, G*C, p1 - ws)
+            pos = epos if gathered is None else torch.cat([gathered, epos], -1)  # (B, Hkv, G*C, M)
+            s = torch.cat(parts_s, -1) * scale
+            if softcap is not None:
+                s = torch.tanh(s / softcap) * softcap
+
+            vis = (pos >= 0) & (pos <= qpos)
+            at = _mask_at(mask, pos, q0, c, g)
+            if at is not None:
+                vis = vis & at
+            forced = vis & (pos > qpos - local_window) if local_window else torch.zeros_like(vis)
+            if n_sinks:
+                if mask is None:
+                    sink_at = pos < n_sinks
+                else:
+                    sink_at = is_sink.expand(b, lk).gather(-1, pos.clamp_min(0).flatten(1)).view_as(pos)
+                forced = forced | (vis & sink_at)
+            take = min(width, pos.shape[-1])
+            ranked = torch.where(forced, math.inf, torch.where(vis, s.detach(), -math.inf))
+            sel, idx = ranked.topk(take, dim=-1)  # (B, Hkv, G*C, take)
+            is_forced = sel == math.inf
+            keep = (sel > -math.inf) & (is_forced | ((~is_forced).cumsum(-1) <= k))
+
+            vals = s.gather(-1, idx).masked_fill(~keep, -math.inf)
+            mx = vals.amax(-1, keepdim=True)
+            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)).detach()
+            e = torch.exp(vals - mx)
+            p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)  # zero rows stay zero
+            if dropout > 0:
+                p = torch.nn.functional.dropout(p, dropout)
+            sel_pos = pos.gather(-1, idx)  # (B, Hkv, G*C, take)
+            out = _weighted_rows(v_all, sel_pos, p)  # (B, Hkv, G*C, Dv)
+            outs.append(out.view(b, hkv, g, c, dv))
+            if return_positions:
+                kept_pos = torch.full((b, hkv, g * c, width), -1, dtype=torch.long, device=device)
+                kept_pos[..., :take] = torch.where(keep, sel_pos, -1)
+                kept.append(kept_pos.view(b, hkv, g, c, width))
+    out = torch.cat(outs, 3).view(b, hq, lq, dv).to(query.dtype)  # (B, Hkv, G, Lq, Dv) -> (B, Hq, Lq, Dv)
+    positions = torch.cat(kept, 3).view(b, hq, lq, width) if return_positions else None
+    return out, positions
+
+
+def recall_at_k(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    k: int,
+    options: Mapping[str, Any],
+    n_queries: int = 512,
+    seed: int = 0,
+) -> float:
+    """Recall@k of the faiss selection against exact top-k, causal, no sinks or window.
+
+    Shapes as in `retrieval_attention` (no mask). Averaged over `n_queries` query positions drawn
+    (fixed seed) among those whose block searches an approximate index (for ivf, once it holds its
+    39 * nlist training keys): a diagnostic of the index, not inflated by exactly scored blocks.
+    Returns the share of each query's exact top-k keys that the faiss selection kept.
+    """
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    offset, bs = lk - lq, options["block_size"]
+    needed = TRAIN_POINTS_PER_LIST * resolve_nlist(options["nlist"], lk) if options["index"] == "ivf" else 1
+    first = max(bs, -(-(needed - offset) // bs) * bs)  # the first block start with that many keys before it
+    if lq <= first:
+        raise ValueError(f"No query of these {lq} searches an approximate index; use a longer sequence.")
+    with torch.no_grad():
+        _, kept = retrieval_attention(query, key, key, k=k, options=options, return_positions=True)
+        gen = torch.Generator().manual_seed(seed)
+        rows = first + torch.randperm(lq - first, generator=gen)[:n_queries].sort().values  # (R,)
+        q = query[:, :, rows].float().view(b, hkv, hq // hkv * len(rows), d)  # (B, Hkv, G*R, D)
+        s = (q @ key.float().transpose(-1, -2)).view(b, hq, len(rows), lk)  # (B, Hq, R, Lk)
+        s.masked_fill_(torch.arange(lk) > (rows + offset).unsqueeze(-1), -math.inf)
+        exact = s.topk(min(k, lk), dim=-1).indices  # (B, Hq, R, k)
+        sel = kept[:, :, rows]  # (B, Hq, R, width)
+        hits = (exact.unsqueeze(-1) == sel.unsqueeze(-2)).any(-1)  # (B, Hq, R, k)
+        valid = torch.gather(s, -1, exact) > -math.inf  # queries with fewer than k keys
+    return float(hits[valid].float().mean())

@@ -1,0 +1,195 @@
+"""The faiss backend: flat equals exact top-k, k >= n equals dense, real-activation recall, bad input."""
+
+import logging
+import sys
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+import knn_patch
+from knn_patch import KNNConfig
+from knn_patch.kernels import index as index_module
+from knn_patch.kernels.index import resolve_nlist, validate_index_options
+from knn_patch.kernels.retrieval import recall_at_k, retrieval_attention
+from knn_patch.kernels.topk import topk_attention
+
+faiss = pytest.importorskip("faiss")
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SMALL_BLOCKS = {"block_size": 8, "sync_every": 8}  # so that a 40-token sequence really goes through the index
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """faiss's OpenMP threads spin under CPU contention (shared CI machines); one thread is faster there."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def left_padded(batch=2, n=40, pad=(0, 7)):
+    ids = torch.arange(3, 3 + batch * n).view(batch, n) % 120 + 3
+    mask = torch.ones(batch, n, dtype=torch.long)
+    for row, p in enumerate(pad):
+        mask[row, :p] = 0
+    return ids, mask
+
+
+def forward_and_grads(model, ids, mask):
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    (logits * mask.unsqueeze(-1)).square().mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("extras", [{}, {"sink_tokens": 2, "local_window": 3}])
+def test_flat_index_equals_topk_backend_outputs_and_gradients(padded, extras):
+    ids, mask = left_padded(pad=(0, 7) if padded else (0, 0))
+    model = tiny_model("llama")
+    with knn_patch.patched(model, k=3, **extras):
+        ref, ref_grads = forward_and_grads(model, ids, mask)
+    with knn_patch.patched(
+        model, k=3, backend="faiss", backend_options={"index": "flat", **SMALL_BLOCKS}, **extras
+    ):
+        out, grads = forward_and_grads(model, ids, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(out[keep], ref[keep], rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_kernel_flat_equals_topk_in_float64_with_gqa_sinks_window_and_a_cache_offset():
+    torch.manual_seed(0)
+    b, hq, hkv, lq, lk, d = 2, 6, 2, 70, 100, 16  # Lk > Lq: queries are the last 70 positions
+    q = torch.randn(b, hq, lq, d, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(b, hkv, lk, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    opts = validate_index_options({"index": "flat", "block_size": 16})
+    kw = dict(k=5, sink_tokens=2, local_window=4)
+    ref = topk_attention(q, k, v, **kw)[0]
+    out = retrieval_attention(q, k, v, options=opts, **kw)[0]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    grads, ref_grads = torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))
+    for g_out, g_ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g_out, g_ref, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
+def test_k_at_least_n_equals_dense(index):
+    ids, mask = left_padded(pad=(0, 5))
+    model = tiny_model("llama")
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits
+        with knn_patch.patched(
+            model, k=64, backend="faiss", backend_options={"index": index, **SMALL_BLOCKS}
+        ):
+            knn = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(knn[keep], dense[keep], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_indexes_give_finite_outputs_that_follow_top_k(index):
+    """Small k through a real approximate index (keys past ivf's 39 * nlist training keys)."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 600, 16), torch.randn(1, 2, 600, 16)
+    opts = validate_index_options({"index": index, "block_size": 64, "nlist": 4})
+    out = retrieval_attention(q, k, k, k=8, options=opts)[0]
+    assert torch.isfinite(out).all()
+    assert recall_at_k(q, k, k=8, options=opts, n_queries=64) >= 0.8
+
+
+@pytest.fixture(scope="module")
+def smollm_activations():
+    """Post-RoPE queries and keys of layers 3 and 10 of the embedded default on 4096 real tokens."""
+    from knn_patch.assets import bundled_corpus_dir
+
+    model, tokenizer = knn_patch.load_default()
+    text = max(sorted(bundled_corpus_dir().glob("*.txt"))[:40], key=lambda p: p.stat().st_size).read_text()
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :4096]
+    assert ids.shape[1] == 4096
+    model.model.layers = model.model.layers[:11]  # later layers do not change layers 3 and 10
+    captured = {}
+
+    def record(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, knn_config, **kw):
+        captured[module.layer_idx] = (query.detach().clone(), key.detach().clone())
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
+
+    knn_patch.register_backend("record_qk", record)
+    with torch.no_grad(), knn_patch.patched(model, backend="record_qk", layers=[3, 10]):
+        model.model(input_ids=ids)
+    return captured
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_recall_at_32_on_real_activations_at_default_settings(smollm_activations, index):
+    options = validate_index_options({"index": index})
+    for layer, (q, k) in smollm_activations.items():
+        recall = recall_at_k(q, k, k=32, options=options, n_queries=128, seed=0)
+        assert recall >= 0.9, f"layer {layer}: recall@32 {recall:.3f}"
+
+
+def test_missing_faiss_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError
+    index_module.faiss_module.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"pip install faiss-cpu.*knn-patch\[gpu\]"):
+            KNNConfig(backend="faiss")
+        with pytest.raises(ImportError, match="pip install faiss-cpu"):
+            knn_patch.KNNCache()
+    finally:
+        index_module.faiss_module.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"index": "lsh"}, r"'index'.*unknown.*flat.*ivf.*hnsw"),
+        ({"nprobe": 0}, r"'nprobe'.*>= 1"),
+        ({"nprobe": -3}, r"'nprobe'.*>= 1"),
+        ({"nlist": 0}, r"'nlist'.*>= 1 or None"),
+        ({"block_size": 2.5}, r"'block_size'"),
+        ({"n_probe": 4}, r"Unknown faiss backend_options \['n_probe'\]"),
+    ],
+)
+def test_bad_options_fail_when_the_config_is_built(options, match):
+    with pytest.raises(ValueError, match=match):
+        KNNConfig(backend="faiss", backend_options=options)
+
+
+def test_nlist_above_the_key_count_is_lowered_with_a_warning(caplog):
+    assert resolve_nlist(None, 10_000) == 100  # ceil(sqrt(n))
+    assert resolve_nlist(None, 100) == 2  # capped at n // 39
+    assert resolve_nlist(50, 10_000) == 50
+    with caplog.at_level(logging.WARNING, logger="knn_patch"):
+        assert resolve_nlist(500, 400) == 10
+    assert "nlist=500 is too large for 400 keys" in caplog.text
+    caplog.clear()
+    ids, _ = left_padded(pad=(0, 0))
+    model = tiny_model("llama")
+    options = {"index": "ivf", "nlist": 1000, **SMALL_BLOCKS}
+    with (
+        caplog.at_level(logging.WARNING, logger="knn_patch"),
+        torch.no_grad(),
+        knn_patch.patched(model, k=3, backend="faiss", backend_options=options),
+    ):
+        logits = model(input_ids=ids).logits
+    assert "using nlist=1" in caplog.text
+    assert torch.isfinite(logits).all()
+
+
+@CUDA
+def test_cuda_tensors_match_topk():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, 300, 16, device="cuda") for h in (4, 2, 2))
+    for index in ("flat", "ivf", "hnsw"):
+        opts = validate_index_options({"index": "flat" if index == "flat" else index, "block_size": 32})
+        out = retrieval_attention(q, k, v, k=400, options=opts)[0]
+        assert out.device.type == "cuda"
+        torch.testing.assert_close(out, topk_attention(q, k, v, k=400)[0], rtol=1e-4, atol=1e-5)

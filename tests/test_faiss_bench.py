@@ -1,0 +1,50 @@
+"""faiss benchmarks: the growth fit and the growth/decode runners on small sizes (timings not asserted)."""
+
+import math
+
+import pytest
+
+from knn_patch.bench_faiss import fit_exponent, run_decode, run_growth
+
+faiss = pytest.importorskip("faiss")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """faiss's OpenMP threads spin under CPU contention (shared CI machines); one thread is faster there."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def test_fit_exponent_recovers_a_power_law():
+    ns = [1024, 2048, 4096, 8192]
+    assert fit_exponent(ns, [3e-9 * n**1.5 for n in ns]) == pytest.approx(1.5)
+    assert fit_exponent(ns, [2e-10 * n**2 for n in ns]) == pytest.approx(2.0)
+    assert fit_exponent([1024], [1.0]) is None
+
+
+@pytest.mark.slow
+def test_growth_rows_hold_times_recall_and_exponents():
+    result = run_growth(
+        [1024, 2048],
+        methods=("sdpa", "faiss-hnsw"),
+        options={"block_size": 256},
+        recall_queries=32,
+        progress=False,
+    )
+    assert [r["n"] for r in result["rows"]] == [1024, 2048]
+    for row in result["rows"]:
+        assert row["times"].keys() == {"sdpa", "faiss-hnsw"} and all(t > 0 for t in row["times"].values())
+        assert 0.0 <= row["recall"]["faiss-hnsw"] <= 1.0
+    assert all(math.isfinite(s) for s in result["exponents"].values())
+
+
+@pytest.mark.slow
+def test_decode_rows_compare_the_dense_cache_and_knn_cache_on_the_embedded_model():
+    result = run_decode([600], steps=1, warmup=1, local_window=16, progress=False)
+    (row,) = result["rows"]
+    assert row["cache"] == 600 and row["dense_s"] > 0 and row["knn_s"] > 0
+    assert row["ratio"] == pytest.approx(row["knn_s"] / row["dense_s"])
+    assert row["index_bytes"] >= 30 * 3 * 500 * 64 * 4  # every layer and KV head indexed its keys
