@@ -1,18 +1,22 @@
 """Row-wise exact top-k selection: a compiled one-pass heap (select.cpp), or torch.topk.
 
 The compiled path is built once with `torch.utils.cpp_extension` (about a minute, cached under
-`$TORCH_EXTENSIONS_DIR`); if no compiler is available, a warning is logged once and selection
-falls back to torch.topk, which gives the same keys except among tied scores.
+`$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, in a folder named by the source's
+hash); if no compiler is available, a warning is logged once and selection falls back to
+torch.topk, which gives the same keys except among tied scores.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
 
 import torch
+
+from ..io import atomic_write
 
 logger = logging.getLogger("knn_patch")
 
@@ -24,9 +28,20 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load
 
+        # Build from a copy named by its content: checkouts of the same source (several venvs or
+        # worktrees) share one build instead of rebuilding each other's, and an edit builds anew.
+        source = Path(__file__).with_name("select.cpp").read_bytes()
+        digest = hashlib.sha256(source).hexdigest()[:12]
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+        build = root / f"knn_patch_select_{digest}"
+        build.mkdir(parents=True, exist_ok=True)
+        copy = build / "select.cpp"
+        if not copy.exists() or copy.read_bytes() != source:
+            atomic_write(copy, lambda tmp: Path(tmp).write_bytes(source))
         return load(
-            name="knn_patch_select",
-            sources=[str(Path(__file__).with_name("select.cpp"))],
+            name=f"knn_patch_select_{digest}",
+            sources=[str(copy)],
+            build_directory=str(build),
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
