@@ -1,4 +1,5 @@
-"""`knn-patch` command line: `demo` and `eval` (dense against kNN perplexity), `bench`, `prepare`."""
+"""`knn-patch` command line: `demo` and `eval` (dense against kNN perplexity), `approx` (how well
+the estimators approximate attention), `bench`, `prepare`."""
 
 from __future__ import annotations
 
@@ -85,6 +86,25 @@ def eval_(args: argparse.Namespace) -> dict:
     return result
 
 
+def approx(args: argparse.Namespace) -> dict:
+    """The approximation report: synthetic (paper), real activations, sampled gradients, quality."""
+    from . import approximation
+
+    out = ensure_writable(args.out)  # fail before the long work, not after it
+    parts = [p.strip() for p in args.parts.split(",")]
+    model = document = None
+    if {"activations", "quality"} & set(parts):
+        model, tokenizer = load_default()
+        tokens = max(approximation.SIZES[args.size][p]["tokens"] for p in ("activations", "quality"))
+        document = _long_document(tokenizer, tokens)
+    report = approximation.run_report(model, document, parts=parts, size=args.size)
+    report.update(command="knn-patch " + " ".join(sys.argv[1:]), args=vars(args), environment=environment())
+    approximation.print_tables(report)
+    paths = approximation.write_outputs(report, out)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return report
+
+
 def prepare(_: argparse.Namespace) -> None:
     """Fetch and convert the embedded model and corpus, and build the compiled selection, once."""
     load_default()
@@ -134,6 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--out", default="outputs/eval")
     p.set_defaults(func=eval_)
+    p = sub.add_parser("approx", help=approx.__doc__)
+    p.add_argument("--parts", default="synthetic,activations,gradients,quality", help="comma-separated")
+    p.add_argument("--size", choices=("default", "quick"), default="default", help="quick: a smoke run")
+    p.add_argument("--out", default="outputs/approx")
+    p.set_defaults(func=approx)
     p = sub.add_parser("prepare", help=prepare.__doc__)
     p.set_defaults(func=prepare)
     sub.add_parser("bench", help="attention kernel speed and memory against SDPA and eager")
