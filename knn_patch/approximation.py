@@ -406,7 +406,7 @@ PARTS = ("synthetic", "activations", "gradients", "quality")
 SIZES: dict[str, dict[str, Any]] = {
     "default": {
         "synthetic": {"n": 1000, "heads": 10, "head_dim": 64, "bounds": (10, 30, 50),
-                      "ks": (2, 3, 5, 6, 31, 64, 128), "seeds": 4},
+                      "ks": (2, 3, 5, 6, 31, 128), "seeds": 4},
         "activations": {"tokens": 512, "budgets": (32, 64, 128, 256), "layer_stride": 3},
         "gradients": {"n": 256, "heads": 2, "head_dim": 64, "k": 16,
                       "samples": (4, 16, 64, 256, 1024), "seeds": 3},

@@ -40,8 +40,10 @@ import torch
 
 from .sampling import exact_attention, group_mask, lazy_gumbel_sample, masked_scores, median_of_means
 
-# Elements per chunk: queries x keys x samples in the forward (the lazy sampler's worst case, a
-# flat row), queries x samples x D in the backward, walks x columns for dV.
+# Elements per chunk: queries x keys in the forward (the sampler bounds its own worst case),
+# queries x samples x D in the backward, walks x columns for dV. Large chunks matter: on a busy
+# CPU every op costs a thread-scheduling delay, so fewer, bigger ops are much faster.
+_SCORE_BUDGET = 1 << 22
 _SAMPLE_BUDGET = 1 << 24
 
 
@@ -103,7 +105,7 @@ class _GumbelAttention(torch.autograd.Function):
     def forward(ctx, q, key, value, mask, k, samples, groups, scale, causal, exact_backward, chunk_size, gen):
         b, hkv, g, lq, _ = q.shape
         lk, dv = key.shape[2], value.shape[-1]
-        chunk = max(1, min(chunk_size, _SAMPLE_BUDGET // max(1, b * hkv * g * lk * samples)))
+        chunk = max(1, min(chunk_size, _SCORE_BUDGET // max(1, b * hkv * g * lk)))
         out = torch.zeros(b, hkv, g, lq, dv, dtype=q.dtype, device=q.device)
         draws = torch.full((b, hkv, g, lq, samples), -1, dtype=torch.long, device=q.device)
         for q0 in range(0, lq, chunk):

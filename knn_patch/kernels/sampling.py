@@ -14,6 +14,9 @@ import torch
 
 from .select import topk_rows
 
+# Elements of the (pairs x keys) random keys the sampler holds at once for pairs with large tails.
+_BIG_BUDGET = 1 << 22
+
 
 def group_mask(
     attention_mask: torch.Tensor | None, hq: int, hkv: int, lq: int, lk: int
@@ -175,8 +178,9 @@ def _distinct_positions(
         flat = torch.searchsorted(gcum, base + rank + 1)  # the (rank)-th rest key of the row
         pairs.append(pair)
         positions.append(flat - row * rest.shape[-1])
-    pb = torch.nonzero(~small & (count > 0)).flatten()
-    if pb.numel():
+    big = torch.nonzero(~small & (count > 0)).flatten()
+    step = max(1, _BIG_BUDGET // rest.shape[-1])  # bounds the (pairs, L) random keys held at once
+    for pb in big.split(step):
         u = torch.rand(pb.numel(), rest.shape[-1], generator=generator, device=device)
         u.masked_fill_(~rest[row_of[pb]], 2.0)  # non-rest keys sort last
         order = torch.argsort(u, dim=-1)  # (Pb, L): a uniform random order of the rest keys first
@@ -195,21 +199,27 @@ def lazy_gumbel_sample(
     """`samples` exact draws from softmax(s_r) for each score row s (R, L) -> key indices (R, samples).
 
     Lazy Gumbel sampling (Mussmann, Levy and Ermon 2017) over the row's top-k set S:
-    Gumbels G_j for j in S; M = max_S(s_j + G_j); the gap B = M - min_S(s_j). A tail key j can beat
+    Gumbels G_j for j in S; M = max_S(s_j + G_j) (drawn through the Gumbel-max identity, below);
+    the gap B = M - min_S(s_j). A tail key j can beat
     M only if G_j > M - s_j >= B, so the number of tail keys that could win is
     c ~ Binomial(n - k, P(G > B)) with P(G > B) = 1 - exp(-exp(-B)); those c tail keys are chosen
     uniformly (distinct), given Gumbels conditioned to exceed B, and the draw is the argmax over S and
-    them. Only O(k + c) Gumbels are drawn per sample; c is small when S holds most of the mass.
+    them. Each sample costs O(1 + c) draws after O(k) per row; c is small when S holds most of the mass.
     Rows with no visible key give -1.
     """
     r = s.shape[0]
     vals, top, rest = _topk_set(s, k)  # (R, kk)
     valid = torch.isfinite(vals)
-    z = vals.unsqueeze(1) + _gumbel((r, samples, vals.shape[-1]), s, generator)  # (R, T, kk)
-    big_m, arg = z.max(-1)  # (R, T)
+    seen = valid.any(-1, keepdim=True)  # (R, 1)
+    # max_S(s_j + G_j) and its argmax, drawn by the Gumbel-max identity: the argmax follows
+    # softmax over S, the max is logsumexp_S(s) + a standard Gumbel, and the two are independent.
+    # Same distribution as drawing k Gumbels per sample, at O(T + k) per row instead of O(T * k).
+    probs = torch.where(seen, torch.softmax(vals.masked_fill(~seen, 0.0), -1), 1.0)  # (R, kk)
+    arg = torch.multinomial(probs, samples, replacement=True, generator=generator)  # (R, T)
+    lse = torch.logsumexp(vals, -1, keepdim=True)  # (R, 1)
+    big_m = lse + _gumbel((r, samples), s, generator)  # (R, T)
     best = top.gather(1, arg)  # (R, T) key index of the best top-k draw
     s_min = vals.masked_fill(~valid, math.inf).amin(-1, keepdim=True)  # (R, 1)
-    seen = valid.any(-1, keepdim=True)  # (R, 1)
     gap = torch.where(seen, big_m - torch.where(seen, s_min, 0.0), math.inf)  # (R, T)
     p_exceed = -torch.expm1(-torch.exp(-gap))  # P(G > B), accurate for large gaps
     n_rest = rest.sum(-1, keepdim=True).to(s.dtype).expand(r, samples)
