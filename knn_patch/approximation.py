@@ -347,7 +347,7 @@ def write_outputs(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path
                 ax1.plot([r["layer"] for r in rs], [r["topk_mass"] for r in rs], label=f"b={budget}")
             ax1.set(xlabel="layer", ylabel="softmax mass in the top-b keys")
             ax1.legend()
-            budget = max(r["budget"] for r in rows) if len({r["budget"] for r in rows}) else None
+            budget = max(r["budget"] for r in rows)
             for m in ESTIMATORS:
                 if f"{m}_error" in rows[0]:
                     rs = sorted((r for r in rows if r["budget"] == budget), key=lambda r: r["layer"])
