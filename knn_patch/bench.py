@@ -1,4 +1,6 @@
-"""Speed and memory of one attention layer: top-k kernel vs SDPA vs transformers-style eager.
+"""Speed and memory of one attention layer: top-k kernel vs SDPA vs transformers-style eager, and the
+sampled estimators at topk's key budget k: `tail` (k/2 top + k/2 sampled) and `gumbel` (k/2 top,
+k/2 samples; skipped above `max_sampled_n`, its cost grows with the tail it must sample).
 
 The layer has SmolLM2-135M's shape (B=1, 9 query heads, 3 KV heads, D=64), causal, fp32, random
 normal inputs. Forward time is measured under `torch.no_grad` (the inference cost); forward+backward
@@ -36,15 +38,31 @@ import torch
 import torch.nn.functional as F
 
 from knn_patch.io import atomic_write, write_json_atomic
+from knn_patch.kernels.gumbel import gumbel_attention
+from knn_patch.kernels.tail import tail_attention
 from knn_patch.kernels.topk import topk_attention
 
-METHODS = ("topk", "sdpa", "eager")
+METHODS = ("topk", "sdpa", "eager", "tail", "gumbel")
+RATIOS = ("topk/sdpa", "topk/eager", "tail/topk", "gumbel/topk")
 METRICS = ("fwd_s", "fwd_bwd_s", "peak_bytes")
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def _topk(q, k, v, mask, *, kk: int, chunk_size: int) -> torch.Tensor:
     return topk_attention(q, k, v, k=kk, chunk_size=chunk_size)[0]
+
+
+def _tail(q, k, v, mask, *, kk: int, chunk_size: int) -> torch.Tensor:
+    gen = torch.Generator(device=q.device).manual_seed(0)
+    return tail_attention(
+        q, k, v, k=max(1, kk // 2), m=kk - max(1, kk // 2), chunk_size=chunk_size, generator=gen
+    )
+
+
+def _gumbel(q, k, v, mask, *, kk: int, chunk_size: int) -> torch.Tensor:
+    gen = torch.Generator(device=q.device).manual_seed(0)
+    half = max(1, kk // 2)
+    return gumbel_attention(q, k, v, k=half, samples=max(2, kk - half), chunk_size=chunk_size, generator=gen)
 
 
 def _sdpa(q, k, v, mask) -> torch.Tensor:
@@ -63,8 +81,9 @@ def _eager(q, k, v, mask) -> torch.Tensor:
 
 
 def _method(name: str, cfg: dict) -> Callable[..., torch.Tensor]:
-    if name == "topk":
-        return partial(_topk, kk=cfg["k"], chunk_size=cfg["chunk_size"])
+    if name in ("topk", "tail", "gumbel"):
+        fn = {"topk": _topk, "tail": _tail, "gumbel": _gumbel}[name]
+        return partial(fn, kk=cfg["k"], chunk_size=cfg["chunk_size"])
     return {"sdpa": _sdpa, "eager": _eager}[name]
 
 
@@ -166,12 +185,13 @@ def run_speed_benchmark(
     kv_heads: int = 3,
     head_dim: int = 64,
     max_eager_gb: float = 8.0,
+    max_sampled_n: int = 4096,
     seed: int = 0,
     memory: bool = True,
     progress: bool = True,
 ) -> list[dict]:
     """One row per n: {"n", "methods": {name: {fwd_s, fwd_bwd_s, peak_bytes} | {"skipped": why}},
-    "ratios": {"topk/sdpa" | "topk/eager": {metric: topk/other} | None}}."""
+    "ratios": {"a/b" for a/b in RATIOS: {metric: a/b} | None}}."""
     from rich.progress import Progress
 
     cfg = {
@@ -192,14 +212,15 @@ def run_speed_benchmark(
                 est = eager_bytes(n, heads)
                 if name == "eager" and est > max_eager_gb * 1e9:
                     row["methods"][name] = {"skipped": f"est. {est / 1e9:.1f} GB > {max_eager_gb:g} GB"}
+                elif name == "gumbel" and n > max_sampled_n:
+                    row["methods"][name] = {"skipped": f"n > max_sampled_n={max_sampled_n}"}
                 else:
                     row["methods"][name] = _measure(name, n, cfg, device, repeats, memory)
                 bar.advance(task)
-            top = row["methods"]["topk"]
-            for other in ("sdpa", "eager"):
-                o = row["methods"][other]
-                ratio = {m: top[m] / o[m] if top[m] is not None and o.get(m) else None for m in METRICS}
-                row["ratios"][f"topk/{other}"] = None if "skipped" in o else ratio
+            for key in RATIOS:
+                a, b = (row["methods"][x] for x in key.split("/"))
+                ratio = {m: a[m] / b[m] if a.get(m) is not None and b.get(m) else None for m in METRICS}
+                row["ratios"][key] = None if "skipped" in a or "skipped" in b else ratio
             rows.append(row)
     return rows
 
@@ -218,7 +239,7 @@ def print_table(rows: list[dict], title: str = "Attention layer, B=1 Hq=9 Hkv=3 
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("n", "metric", *METHODS, "topk/sdpa", "topk/eager"):
+    for col in ("n", "metric", *METHODS, *RATIOS):
         table.add_column(col, justify="left" if col == "metric" else "right")
     labels = {"fwd_s": "fwd", "fwd_bwd_s": "fwd+bwd", "peak_bytes": "peak mem"}
     for row in rows:
@@ -227,12 +248,12 @@ def print_table(rows: list[dict], title: str = "Attention layer, B=1 Hq=9 Hkv=3 
             for name in METHODS:
                 r = row["methods"][name]
                 cells.append("skipped" if "skipped" in r else _fmt(metric, r.get(metric)))
-            for key in ("topk/sdpa", "topk/eager"):
+            for key in RATIOS:
                 r = row["ratios"][key]
                 v = None if r is None else r[metric]
                 cells.append("skipped" if r is None else "-" if v is None else f"{v:.2f}×")
             table.add_row(*cells, end_section=metric == METRICS[-1])
-    Console().print(table)
+    Console(width=max(Console().width, 170)).print(table)  # wide: never wrap the columns
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -314,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs (median), after one warm-up")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--max-eager-gb", type=float, default=8.0, help="skip eager above this estimated memory")
+    p.add_argument("--max-sampled-n", type=int, default=4096, help="skip gumbel above this length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--out", default="outputs/bench", help="directory for speed.json and speed.png")
@@ -326,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         repeats=args.repeats,
         device=args.device,
         max_eager_gb=args.max_eager_gb,
+        max_sampled_n=args.max_sampled_n,
         seed=args.seed,
         memory=not args.no_memory,
     )

@@ -1,5 +1,5 @@
 """`knn-patch` command line: `demo`, `eval` (dense against kNN perplexity), `report`, `finetune`,
-`bench`, `faiss-bench`, `prepare`."""
+`approx` (how well the estimators approximate attention), `bench`, `faiss-bench`, `prepare`."""
 
 from __future__ import annotations
 
@@ -88,6 +88,33 @@ def report(args: argparse.Namespace) -> None:
     result = json.loads(Path(args.result).read_text())
     done = "" if result.get("complete", True) else " (partial: the documents finished so far)"
     print_report(result, f"{args.result}: {len(result['documents'])} documents, {result['mode']}{done}")
+
+
+def _long_document(tokenizer, n_tokens: int) -> tuple[str, list[int]]:
+    """The first bundled speech (by file name) with at least `n_tokens` tokens, cut to that length."""
+    docs, _ = tokenize_documents(load_documents(), tokenizer, min_tokens=n_tokens, max_tokens=n_tokens)
+    if len(docs) == 0:
+        raise ValueError(f"No bundled document has {n_tokens} tokens.")
+    return docs[0]["name"], docs[0]["input_ids"]
+
+
+def approx(args: argparse.Namespace) -> dict:
+    """The approximation report: synthetic (paper), real activations, sampled gradients, quality."""
+    from . import approximation
+
+    out = ensure_writable(args.out)  # fail before the long work, not after it
+    parts = [p.strip() for p in args.parts.split(",")]
+    model = document = None
+    if {"activations", "quality"} & set(parts):
+        model, tokenizer = load_default()
+        tokens = max(approximation.SIZES[args.size][p]["tokens"] for p in ("activations", "quality"))
+        document = _long_document(tokenizer, tokens)
+    report = approximation.run_report(model, document, parts=parts, size=args.size)
+    report.update(command="knn-patch " + " ".join(sys.argv[1:]), args=vars(args), environment=environment())
+    approximation.print_tables(report)
+    paths = approximation.write_outputs(report, out)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return report
 
 
 def prepare(_: argparse.Namespace) -> None:
@@ -181,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("finetune", help="fine-tune under kNN attention from a recipe YAML (recipes/configs)")
     p.set_defaults(func=finetune)
     add_finetune_arguments(p)
+    p = sub.add_parser("approx", help=approx.__doc__)
+    p.add_argument("--parts", default="synthetic,activations,gradients,quality", help="comma-separated")
+    p.add_argument("--size", choices=("default", "quick"), default="default", help="quick: a smoke run")
+    p.add_argument("--out", default="outputs/approx")
+    p.set_defaults(func=approx)
     p = sub.add_parser("prepare", help=prepare.__doc__)
     p.set_defaults(func=prepare)
     sub.add_parser("bench", help="attention kernel speed and memory against SDPA and eager")

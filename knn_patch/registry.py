@@ -27,7 +27,12 @@ logger = logging.get_logger("knn_patch")
 AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 # Modules that define a backend; imported on first use so importing knn_patch stays light.
-_BUILTIN = {"topk": "knn_patch.backends.topk", "faiss": "knn_patch.backends.faiss"}
+_BUILTIN = {
+    "topk": "knn_patch.backends.topk",
+    "tail": "knn_patch.backends.tail",
+    "gumbel": "knn_patch.backends.gumbel",
+    "faiss": "knn_patch.backends.faiss",
+}
 
 
 @dataclass(frozen=True)

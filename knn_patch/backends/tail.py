@@ -1,0 +1,86 @@
+"""`tail` backend: the top-k keys exact plus m uniformly sampled other keys, reweighted by n_rest/m.
+
+Options (`KNNConfig.backend_options`): `m` (sampled keys per query, default 32; 0 gives `topk`
+exactly) and `seed` (default 0: each call draws from a generator seeded with (seed, layer), so a
+run is reproducible and equal inputs give equal outputs; None draws fresh randomness every call,
+as training may prefer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..config import KNNConfig
+from ..kernels.tail import tail_attention
+from ..registry import register_backend
+
+DEFAULTS = {"m": 32, "seed": 0}
+
+
+def validate_options(options: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the bad key of `backend_options`."""
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"KNNConfig.backend_options: unknown keys {unknown} for 'tail'; allowed {sorted(DEFAULTS)}."
+        )
+    m = options.get("m", DEFAULTS["m"])
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValueError(f"KNNConfig.backend_options['m']={m!r} is invalid for 'tail': use an int >= 0.")
+    seed = options.get("seed", DEFAULTS["seed"])
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"KNNConfig.backend_options['seed']={seed!r} is invalid: use an int >= 0 or None.")
+
+
+def _generator(seed: int | None, module: torch.nn.Module, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed * 1_000_003 + (getattr(module, "layer_idx", None) or 0))
+    return gen
+
+
+def tail_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    *,
+    knn_config: KNNConfig,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """HF attention signature: query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D) -> out (B, Lq, Hq, D).
+
+    The mask is `sdpa_mask`'s boolean (True = keep) or None for plain causal; `softcap` (Gemma 2) is
+    applied to the scores. No weights are returned.
+    """
+    if knn_config.sink_tokens or knn_config.local_window:
+        raise ValueError(
+            "backend 'tail' does not take sink_tokens or local_window; use backend='topk' for those."
+        )
+    options = {**DEFAULTS, **knn_config.backend_options}
+    out = tail_attention(
+        query,
+        key,
+        value,
+        attention_mask,
+        k=knn_config.resolve_k(key.shape[2]),
+        m=options["m"],
+        scale=scaling,
+        is_causal=kwargs.get("is_causal", getattr(module, "is_causal", True)),
+        softcap=kwargs.get("softcap"),
+        dropout=dropout,
+        chunk_size=knn_config.chunk_size,
+        generator=_generator(options["seed"], module, query.device),
+    )
+    return out.transpose(1, 2).contiguous(), None  # (B, Hq, Lq, D) -> (B, Lq, Hq, D)
+
+
+register_backend("tail", tail_attention_forward, validate_options=validate_options)

@@ -1,0 +1,256 @@
+"""Shared math of the sampled estimators (`tail`, `gumbel`): masked score blocks, exact attention as
+the reference they estimate, the uniform tail sample, and the lazy Gumbel sampler.
+
+Attention reads as an expectation, o_i = E_{j ~ softmax(s_i)}[v_j] with s_ij = q_i·k_j·scale
+("kNN Attention Demystified", Haris 2024). The functions here work on one block of score rows
+(R, L), with -inf at keys a query may not see, so both backends share one masking rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .select import topk_rows
+
+# Elements of the (pairs x keys) random keys the sampler holds at once for pairs with large tails.
+_BIG_BUDGET = 1 << 22
+
+
+def group_mask(
+    attention_mask: torch.Tensor | None, hq: int, hkv: int, lq: int, lk: int
+) -> torch.Tensor | None:
+    """Boolean mask (B|1, 1|Hq, Lq|1, Lk) -> (B|1, 1|Hkv, 1|G, Lq, Lk), matching grouped queries (a view)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+        raise ValueError("attention_mask must be a boolean (B, 1|Hq, Lq, Lk) mask, True = keep.")
+    mb, mh = attention_mask.shape[:2]
+    mask = attention_mask.expand(mb, mh, lq, lk)
+    return mask.unsqueeze(1) if mh == 1 else mask.unflatten(1, (hkv, hq // hkv))
+
+
+def masked_scores(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    q0: int,
+    q1: int,
+    causal: bool,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Scores of queries [q0, q1): q (B, Hkv, G, Lq, D), key (B, Hkv, Lk, D) -> (B, Hkv, G, C, L).
+
+    L is Lk, or the causal limit of the chunk's last query when there is no mask (later keys are
+    never visible). Keys a query may not see hold -inf. Queries are the last Lq positions (the
+    causal mask is aligned to the bottom right, as in decoding).
+    """
+    lq, lk = q.shape[3], key.shape[2]
+    offset = lk - lq
+    hi = min(lk, q1 + offset) if mask is None and causal else lk
+    s = torch.matmul(q[:, :, :, q0:q1] * scale, key[:, :, None, :hi].transpose(-1, -2))  # (B, Hkv, G, C, L)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if mask is not None:
+        s = s.masked_fill(~mask[..., q0:q1, :hi], -math.inf)
+    elif causal:
+        qpos = torch.arange(q0, q1, device=s.device).unsqueeze(-1) + offset  # (C, 1)
+        s = s.masked_fill(torch.arange(hi, device=s.device) > qpos, -math.inf)
+    return s
+
+
+def masked_softmax(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where rows of only -inf (a query that sees nothing) give zeros, not NaN."""
+    mx = s.amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))
+    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+
+
+def exact_attention(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    causal: bool,
+    scale: float,
+    softcap: float | None = None,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """Dense softmax attention, the quantity the estimators estimate; differentiable by autograd.
+
+    q (B, Hkv, G, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv) -> (B, Hkv, G, Lq, Dv), computed
+    in query chunks; a fully masked row gives zeros.
+    """
+    lq = q.shape[3]
+    outs = []
+    for q0 in range(0, lq, chunk_size):
+        q1 = min(q0 + chunk_size, lq)
+        s = masked_scores(q, key, mask, q0=q0, q1=q1, causal=causal, scale=scale, softcap=softcap)
+        outs.append(masked_softmax(s) @ value[:, :, None, : s.shape[-1]])  # (B, Hkv, G, C, Dv)
+    return torch.cat(outs, dim=3)
+
+
+def _topk_set(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of score rows s (R, L): values (R, kk) (-inf in unfilled slots), indices (R, kk), and the
+    rest mask (R, L): the visible keys outside the top-k."""
+    vals, top = topk_rows(s.contiguous(), min(k, s.shape[-1]))
+    top = top.long()
+    rest = torch.isfinite(s)
+    rest.scatter_(1, top, False)  # unfilled slots point at masked keys, already False
+    return vals, top, rest
+
+
+def tail_select(
+    s: torch.Tensor, k: int, m: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `tail` estimator's keys and log-weights for score rows s (R, L) -> (R, kk + mm) each.
+
+    Each row keeps its top-k keys with weight 1, plus min(m, n_rest) keys drawn uniformly without
+    replacement from its n_rest other visible keys, each with weight n_rest / min(m, n_rest): the
+    inverse of its inclusion probability, so the weighted exp-score sum over the sample is an
+    unbiased estimate of the sum over the whole tail. Unused slots hold index 0 and log-weight -inf.
+    """
+    vals, top, rest = _topk_set(s, k)
+    logw_top = torch.where(torch.isfinite(vals), 0.0, -math.inf).to(s.dtype)
+    mm = min(m, s.shape[-1])
+    if mm == 0:
+        return top.masked_fill(~torch.isfinite(vals), 0), logw_top
+    n_rest = rest.sum(-1, keepdim=True)  # (R, 1)
+    # m distinct uniform keys of the rest: the m largest of i.i.d. uniform random keys
+    u = torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype).masked_fill_(~rest, -1.0)
+    uv, samp = topk_rows(u, mm)  # (R, mm)
+    taken = uv >= 0
+    logw = torch.log(n_rest / taken.sum(-1, keepdim=True).clamp_min(1)).to(s.dtype)  # (R, 1)
+    logw_samp = torch.where(taken, logw, -math.inf)
+    idx = torch.cat([top.masked_fill(~torch.isfinite(vals), 0), samp.long().masked_fill(~taken, 0)], -1)
+    return idx, torch.cat([logw_top, logw_samp], -1)
+
+
+def _gumbel(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
+    return -torch.log(-torch.log(u.clamp_min(torch.finfo(like.dtype).tiny)))
+
+
+def _distinct_positions(
+    count: torch.Tensor, rest: torch.Tensor, row_of: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each pair p, count[p] distinct keys drawn uniformly from the rest keys of its row
+    (rest (R, L) boolean, row_of (P,)). Returns flat (pair, key position) lists.
+
+    Pairs drawing at most an eighth of their rest keys draw ranks with replacement and redraw duplicates
+    until none are left (a rule symmetric in the keys, so the result is a uniform subset; duplicates
+    are rare at that density, and each round only revisits pairs that had one). Pairs drawing more
+    take the first `count` keys of a random order of the rest, which costs O(L) per pair: at most
+    8x the size of their sample.
+    """
+    device = count.device
+    n_rest = rest.sum(-1)[row_of]  # (P,)
+    small = count * 8 <= n_rest
+    pairs, positions = [], []
+    # ranks among each row's rest keys, mapped to positions through a global cumulative count
+    ps = torch.nonzero(small & (count > 0)).flatten()
+    if ps.numel():
+        pair = torch.repeat_interleave(ps, count[ps])  # (S,)
+        n = n_rest[pair]
+        rank = (torch.rand(pair.shape, generator=generator, device=device) * n).long().clamp_max(n - 1)
+        todo = torch.arange(pair.numel(), device=device)  # the entries whose pairs may hold duplicates
+        for _ in range(200):
+            key = pair[todo] * rest.shape[-1] + rank[todo]
+            order = torch.argsort(key)
+            ks = key[order]
+            dup = todo[order[1:][ks[1:] == ks[:-1]]]  # every repeat but the first of a key
+            if dup.numel() == 0:
+                break
+            fresh = torch.rand(dup.shape, generator=generator, device=device) * n[dup]
+            rank[dup] = fresh.long().clamp_max(n[dup] - 1)
+            redo = torch.zeros(count.numel(), dtype=torch.bool, device=device)
+            redo[pair[dup]] = True
+            todo = torch.nonzero(redo[pair]).flatten()
+        else:
+            raise RuntimeError("lazy Gumbel sampler: duplicate tail draws did not resolve")
+        row = row_of[pair]
+        gcum = rest.reshape(-1).cumsum(0)  # (R*L,) rest keys up to each flat position
+        base = torch.where(row > 0, gcum[(row * rest.shape[-1] - 1).clamp_min(0)], 0)
+        flat = torch.searchsorted(gcum, base + rank + 1)  # the (rank)-th rest key of the row
+        pairs.append(pair)
+        positions.append(flat - row * rest.shape[-1])
+    big = torch.nonzero(~small & (count > 0)).flatten()
+    step = max(1, _BIG_BUDGET // rest.shape[-1])  # bounds the (pairs, L) random keys held at once
+    for pb in big.split(step):
+        u = torch.rand(pb.numel(), rest.shape[-1], generator=generator, device=device)
+        u.masked_fill_(~rest[row_of[pb]], 2.0)  # non-rest keys sort last
+        order = torch.argsort(u, dim=-1)  # (Pb, L): a uniform random order of the rest keys first
+        take = torch.arange(rest.shape[-1], device=device) < count[pb].unsqueeze(-1)
+        pairs.append(pb.unsqueeze(-1).expand_as(order)[take])
+        positions.append(order[take])
+    if not pairs:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty
+    return torch.cat(pairs), torch.cat(positions)
+
+
+def lazy_gumbel_sample(
+    s: torch.Tensor, k: int, samples: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """`samples` exact draws from softmax(s_r) for each score row s (R, L) -> key indices (R, samples).
+
+    Lazy Gumbel sampling (Mussmann, Levy and Ermon 2017) over the row's top-k set S:
+    Gumbels G_j for j in S; M = max_S(s_j + G_j) (drawn through the Gumbel-max identity, below);
+    the gap B = M - min_S(s_j). A tail key j can beat
+    M only if G_j > M - s_j >= B, so the number of tail keys that could win is
+    c ~ Binomial(n - k, P(G > B)) with P(G > B) = 1 - exp(-exp(-B)); those c tail keys are chosen
+    uniformly (distinct), given Gumbels conditioned to exceed B, and the draw is the argmax over S and
+    them. Each sample costs O(1 + c) draws after O(k) per row; c is small when S holds most of the mass.
+    Rows with no visible key give -1.
+    """
+    r = s.shape[0]
+    vals, top, rest = _topk_set(s, k)  # (R, kk)
+    valid = torch.isfinite(vals)
+    seen = valid.any(-1, keepdim=True)  # (R, 1)
+    # max_S(s_j + G_j) and its argmax, drawn by the Gumbel-max identity: the argmax follows
+    # softmax over S, the max is logsumexp_S(s) + a standard Gumbel, and the two are independent.
+    # Same distribution as drawing k Gumbels per sample, at O(T + k) per row instead of O(T * k).
+    probs = torch.where(seen, torch.softmax(vals.masked_fill(~seen, 0.0), -1), 1.0)  # (R, kk)
+    arg = torch.multinomial(probs, samples, replacement=True, generator=generator)  # (R, T)
+    lse = torch.logsumexp(vals, -1, keepdim=True)  # (R, 1)
+    big_m = lse + _gumbel((r, samples), s, generator)  # (R, T)
+    best = top.gather(1, arg)  # (R, T) key index of the best top-k draw
+    s_min = vals.masked_fill(~valid, math.inf).amin(-1, keepdim=True)  # (R, 1)
+    gap = torch.where(seen, big_m - torch.where(seen, s_min, 0.0), math.inf)  # (R, T)
+    p_exceed = -torch.expm1(-torch.exp(-gap))  # P(G > B), accurate for large gaps
+    n_rest = rest.sum(-1, keepdim=True).to(s.dtype).expand(r, samples)
+    count = torch.binomial(n_rest.contiguous(), p_exceed.contiguous(), generator=generator).long()
+    pair, pos = _distinct_positions(
+        count.reshape(-1), rest, torch.arange(r, device=s.device).repeat_interleave(samples), generator
+    )
+    if pair.numel():
+        row = pair // samples
+        # Gumbels conditioned on G > B: G = -log(E), E ~ Exp(1) truncated to [0, exp(-B))
+        pe = p_exceed.reshape(-1)[pair]
+        u = torch.rand(pair.shape, generator=generator, device=s.device, dtype=s.dtype)
+        g = -torch.log((-torch.log1p(-u * pe)).clamp_min(torch.finfo(s.dtype).tiny))
+        zc = s[row, pos] + g
+        tail_max = torch.full((r * samples,), -math.inf, dtype=s.dtype, device=s.device)
+        tail_max.scatter_reduce_(0, pair, zc, "amax")
+        win = zc == tail_max[pair]  # the best tail candidate of its pair
+        tail_key = torch.zeros(r * samples, dtype=torch.long, device=s.device)
+        tail_key[pair[win]] = pos[win]
+        beats = tail_max > big_m.reshape(-1)
+        best = torch.where(beats, tail_key, best.reshape(-1)).view(r, samples)
+    return best.masked_fill(~seen, -1)
+
+
+def median_of_means(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """x (..., T, D) -> (..., D): the coordinate-wise median of the means of `groups` equal groups
+    (the mean of the two middle means for an even count); robust to heavy-tailed samples."""
+    *lead, t, d = x.shape
+    means = x.reshape(*lead, groups, t // groups, d).mean(-2)  # (..., groups, D)
+    if groups == 1:
+        return means.squeeze(-2)
+    srt = means.sort(dim=-2).values
+    lo, hi = (groups - 1) // 2, groups // 2
+    return 0.5 * (srt[..., lo, :] + srt[..., hi, :])

@@ -1,0 +1,54 @@
+"""The approximation report at its quick size: every part runs on a tiny model and real files appear."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from knn_patch import approximation
+
+
+def test_quick_report_runs_every_part_and_writes_json_and_plots(tmp_path):
+    model = tiny_model("llama")
+    document = ("random", torch.randint(3, 128, (64,), generator=torch.Generator().manual_seed(0)).tolist())
+    report = approximation.run_report(model, document, size="quick", progress=False)
+    approximation.print_tables(report)
+    paths = approximation.write_outputs(report, tmp_path)
+    assert set(paths) == {"json", *approximation.PARTS}
+    assert all(p.stat().st_size > 0 for p in paths.values())
+    saved = json.loads(paths["json"].read_text())
+    assert {r["method"] for r in saved["synthetic"]["rows"]} == set(approximation.ESTIMATORS)
+    layers = {r["layer"] for r in saved["activations"]["rows"]}
+    assert layers == {0, 1}  # the tiny model's two layers
+    for r in saved["activations"]["rows"]:
+        assert 0 < r["topk_mass"] <= 1 + 1e-6
+    assert len(saved["gradients"]["rows"]) == 3 and set(saved["gradients"]["slopes"]) == {"dq", "dk", "dv"}
+    assert {r["method"] for r in saved["quality"]["rows"]} == {"topk", "tail", "gumbel", "sinks+window+topk"}
+    assert not model.config.to_dict().get("knn_attention"), "the model is left unpatched"
+
+
+def test_activation_error_is_zero_when_the_budget_covers_every_key():
+    model = tiny_model("llama")
+    layers = approximation.capture_activations(model, torch.arange(3, 27).view(1, 24))
+    rows = approximation.activation_errors(layers, budgets=(64,), methods=("topk", "tail"), progress=False)
+    for r in rows:
+        assert r["topk_mass"] == pytest.approx(1.0)
+        assert r["topk_error"] < 1e-5 and r["tail_error"] < 1e-5
+
+
+def test_gradient_error_slope_is_about_minus_one_half():
+    res = approximation.gradient_errors(
+        n=32, heads=1, head_dim=8, k=4, samples=(16, 256, 4096), seeds=2, progress=False
+    )
+    for name, slope in res["slopes"].items():
+        assert -0.7 < slope < -0.3, (name, slope)
+
+
+def test_bad_parts_and_sizes_are_clear_errors():
+    with pytest.raises(ValueError, match="Unknown report parts"):
+        approximation.run_report(None, None, parts=["synthetic", "speed"])
+    with pytest.raises(ValueError, match="size="):
+        approximation.run_report(None, None, parts=["synthetic"], size="huge")
+    with pytest.raises(ValueError, match="need a model"):
+        approximation.run_report(None, None, parts=["quality"])

@@ -1,0 +1,98 @@
+"""The shared sampling math: the lazy Gumbel sampler draws exactly from softmax, the tail sample
+is a uniform subset with inverse-inclusion weights, median of means."""
+
+import math
+
+import pytest
+import torch
+
+from knn_patch.kernels.sampling import lazy_gumbel_sample, median_of_means, tail_select
+
+
+def chi_square_pvalue(draws: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square goodness of fit of integer draws to `probs`; zero-probability keys must
+    never be drawn (any such draw gives p = 0)."""
+    counts = torch.bincount(draws.flatten(), minlength=probs.numel()).double()
+    expected = probs.double() * draws.numel()
+    support = expected > 0
+    if counts[~support].sum() > 0:
+        return 0.0
+    stat = ((counts[support] - expected[support]) ** 2 / expected[support]).sum()
+    df = torch.tensor((int(support.sum()) - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(df, stat / 2))  # P(chi2_df > stat)
+
+
+def scores(n=48, masked=(40, 48), seed=0, spread=1.5):
+    s = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * spread
+    s[masked[0] : masked[1]] = -math.inf  # keys the query may not see
+    return s
+
+
+@pytest.mark.parametrize("spread", [3.0, 1.0, 0.0])  # peaked, moderate, flat (every tail key a candidate)
+def test_lazy_gumbel_draws_follow_softmax(spread):
+    s = scores(spread=spread)
+    draws = lazy_gumbel_sample(s.expand(400, -1).contiguous(), 5, 100, torch.Generator().manual_seed(1))
+    assert draws.shape == (400, 100)
+    assert chi_square_pvalue(draws, torch.softmax(s, 0)) > 1e-3
+
+
+def test_chi_square_rejects_a_sampler_that_ignores_the_tail():
+    """The test above can fail: draws from the top-k only (truncation) are rejected."""
+    s = scores(spread=1.0)
+    top = s.topk(5).indices
+    gen = torch.Generator().manual_seed(1)
+    truncated = top[torch.multinomial(torch.softmax(s[top], 0), 40_000, replacement=True, generator=gen)]
+    assert chi_square_pvalue(truncated, torch.softmax(s, 0)) < 1e-6
+    tempered = torch.multinomial(torch.softmax(s / 1.1, 0), 40_000, replacement=True, generator=gen)
+    assert chi_square_pvalue(tempered, torch.softmax(s, 0)) < 1e-3
+
+
+def test_lazy_gumbel_rows_are_independent_and_masked_rows_give_minus_one():
+    s = torch.stack([scores(seed=0), scores(seed=1), torch.full((48,), -math.inf)])
+    draws = lazy_gumbel_sample(s.repeat_interleave(200, 0), 3, 100, torch.Generator().manual_seed(2))
+    for row in range(2):
+        assert chi_square_pvalue(draws[row * 200 : (row + 1) * 200], torch.softmax(s[row], 0)) > 1e-3
+    assert (draws[400:] == -1).all()
+
+
+def test_lazy_gumbel_is_reproducible_with_a_seed():
+    s = scores().expand(8, -1).contiguous()
+    a = lazy_gumbel_sample(s, 4, 16, torch.Generator().manual_seed(3))
+    b = lazy_gumbel_sample(s, 4, 16, torch.Generator().manual_seed(3))
+    c = lazy_gumbel_sample(s, 4, 16, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_tail_select_keeps_topk_and_a_uniform_distinct_sample_with_inverse_weights():
+    s = scores(n=30, masked=(25, 30), spread=1.0)
+    rows = 4000
+    idx, logw = tail_select(s.expand(rows, -1).contiguous(), 5, 4, torch.Generator().manual_seed(0))
+    top = set(s.topk(5).indices.tolist())
+    assert all(set(r[:5].tolist()) == top for r in idx[:10])
+    assert (logw[:, :5] == 0).all()
+    torch.testing.assert_close(logw[:, 5:], torch.full((rows, 4), math.log(20 / 4)))
+    sample = idx[:, 5:]
+    assert all(len(set(r.tolist())) == 4 for r in sample[:200]), "distinct within a row"
+    assert not any(j in top or j >= 25 for j in sample.flatten().tolist()), "only visible tail keys"
+    rest = torch.tensor(sorted(set(range(25)) - top))
+    probs = torch.zeros(30)
+    probs[rest] = 1 / 20
+    assert chi_square_pvalue(sample, probs) > 1e-3  # each tail key equally likely
+
+
+def test_tail_select_takes_the_whole_tail_when_m_covers_it():
+    s = scores(n=30, masked=(25, 30))
+    idx, logw = tail_select(s.unsqueeze(0), 5, 100)
+    kept = idx[0][torch.isfinite(logw[0])]
+    assert sorted(kept.tolist()) == list(range(25))
+    assert (logw[0][torch.isfinite(logw[0])] == 0).all(), "weight n_rest / m = 1"
+
+
+def test_median_of_means():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0, 200.0]).view(6, 1)
+    assert median_of_means(x, 1).item() == pytest.approx(x.mean().item())
+    assert median_of_means(x, 3).item() == pytest.approx(3.5)  # means 1.5, 3.5, 150
+    x4 = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 100.0, 200.0]).view(8, 1)
+    assert median_of_means(x4, 4).item() == pytest.approx(
+        (3.5 + 5.5) / 2
+    )  # the two middle of 1.5, 3.5, 5.5, 150

@@ -1,0 +1,140 @@
+"""The `tail` estimator: topk at m = 0, exact when the whole tail is sampled or k >= n, an unbiased
+estimate of the softmax sums, differentiable, seeded, trainable, and clear errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_kernel import inputs, padding_mask
+from tiny_models import tiny_model
+
+import knn_patch
+from knn_patch import KNNConfig
+from knn_patch.kernels.sampling import exact_attention, group_mask, masked_scores, tail_select
+from knn_patch.kernels.tail import tail_attention
+from knn_patch.kernels.topk import topk_attention
+
+
+def exact(q, k, v, mask=None):
+    """Dense softmax attention in the (B, Hq, Lq, D) layout (bottom-right causal when mask is None)."""
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    m = group_mask(mask, hq, hkv, lq, k.shape[2])
+    out = exact_attention(q.view(b, hkv, hq // hkv, lq, d), k, v, m, causal=True, scale=d**-0.5)
+    return out.reshape(b, hq, lq, -1)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_m_zero_is_topk_exactly(masked):
+    q, k, v = inputs(lq=30, lk=30, dtype=torch.float32)
+    mask = padding_mask(2, 30, 30, [0, 7]) if masked else None
+    out = tail_attention(q, k, v, mask, k=4, m=0, generator=gen())
+    assert torch.equal(out, topk_attention(q, k, v, mask, k=4)[0])
+
+
+def test_k_at_least_n_is_dense_sdpa():
+    q, k, v = inputs(lq=20, lk=20, dtype=torch.float32)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(tail_attention(q, k, v, k=20, m=5, generator=gen()), ref, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sampling_the_whole_tail_is_exact(masked):
+    q, k, v = inputs(lq=25, lk=40)
+    mask = padding_mask(2, 25, 40, [0, 9]) if masked else None
+    out = tail_attention(q, k, v, mask, k=3, m=40, generator=gen())
+    torch.testing.assert_close(out, exact(q, k, v, mask), atol=1e-12, rtol=0)
+
+
+def test_weighted_sums_are_unbiased_and_the_output_converges():
+    """sum_sel w e^s (v) estimates sum_all e^s (v) without bias: the mean over draws is within 4
+    standard errors; and the output error shrinks as m grows."""
+    q, k, v = inputs(b=1, hq=1, hkv=1, lq=1, lk=200)
+    s = masked_scores(q.detach().view(1, 1, 1, 1, -1), k.detach(), None, q0=0, q1=1, causal=False, scale=0.35)
+    s = s.reshape(1, -1)
+    draws = 4000
+    idx, logw = tail_select(s.expand(draws, -1).contiguous(), 10, 20, gen())
+    z = torch.exp(s[0, idx] + logw)  # (draws, 30): weighted exp-scores of the kept keys
+    v0 = v[0, 0, :, 0].detach()  # one value coordinate
+    for est, truth in [
+        (z.sum(-1), torch.exp(s[0]).sum()),  # the normaliser
+        ((z * v0[idx]).sum(-1), (torch.exp(s[0]) * v0).sum()),  # the numerator
+    ]:
+        assert abs(est.mean() - truth) < 4 * est.std() / math.sqrt(draws)
+    q, k, v = inputs(lq=60, lk=60)
+    errors = [
+        torch.stack(
+            [
+                (tail_attention(q, k, v, k=4, m=m, generator=gen(i)) - exact(q, k, v)).abs().mean()
+                for i in range(4)
+            ]
+        ).mean()
+        for m in (2, 8, 32)
+    ]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_gradients_flow_through_kept_and_sampled_keys():
+    q, k, v = inputs(b=1, hq=2, hkv=1, lq=8, lk=8, d=4)
+    torch.autograd.gradcheck(lambda q, k, v: tail_attention(q, k, v, k=2, m=3, generator=gen(5)), (q, k, v))
+
+
+def test_seed_reproduces_and_another_seed_differs():
+    q, k, v = inputs(lq=40, lk=40, dtype=torch.float32)
+    a, b, c = (tail_attention(q, k, v, k=3, m=4, generator=gen(s)) for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_backend_in_a_model_matches_dense_at_k_ge_n_and_is_reproducible():
+    model = tiny_model("llama")
+    ids = torch.arange(3, 43).view(2, 20)
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        knn_patch.patch(model, KNNConfig(k=64, backend="tail", backend_options={"m": 4}))
+        torch.testing.assert_close(model(input_ids=ids).logits, dense, atol=1e-5, rtol=0)
+        knn_patch.patch(model, KNNConfig(k=2, backend="tail", backend_options={"m": 3, "seed": 7}))
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(first, second) and not torch.allclose(first, dense)
+
+
+def train_losses(backend, options, steps=8):
+    """Loss of the patched tiny model on a fixed batch before and after a few AdamW steps."""
+    model = tiny_model("llama").train()
+    knn_patch.patch(model, KNNConfig(k=4, backend=backend, backend_options=options))
+    ids = torch.randint(3, 128, (2, 32), generator=gen(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def loss():
+        return model(input_ids=ids, labels=ids).loss
+
+    with torch.no_grad():
+        before = loss().item()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    with torch.no_grad():
+        return before, loss().item()
+
+
+def test_training_with_tail_reduces_the_loss():
+    before, after = train_losses("tail", {"m": 4})
+    assert after < before - 0.5
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match=r"'m'\]=-1"):
+        KNNConfig(backend="tail", backend_options={"m": -1})
+    with pytest.raises(ValueError, match="unknown keys"):
+        KNNConfig(backend="tail", backend_options={"samples": 3})
+    with pytest.raises(ValueError, match="seed"):
+        KNNConfig(backend="tail", backend_options={"seed": "x"})
+    model = tiny_model("llama")
+    knn_patch.patch(model, KNNConfig(k=2, backend="tail", sink_tokens=1))
+    with pytest.raises(ValueError, match="sink_tokens"):
+        model(input_ids=torch.arange(3, 13).view(1, 10))
