@@ -21,6 +21,7 @@ import torch
 import transformers
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
@@ -245,10 +246,13 @@ def environment() -> dict[str, Any]:
 
 
 def print_report(result: dict[str, Any], title: str, console: Console | None = None) -> None:
-    """The rich table: setting, backend, k (and % of the window), perplexity, ratio, tokens, seconds."""
-    table = Table(title=title)
-    for col in ("setting", "backend", "k", "keys %", "perplexity", "ratio to dense", "tokens", "seconds"):
-        table.add_column(col, justify="left" if col in ("setting", "backend") else "right")
+    """The rich table: setting, backend, k (and % of the window), perplexity, ratio to dense (× dense),
+    tokens, seconds."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
+    table.add_column("setting", no_wrap=True)  # 80 columns hold the table: nothing wraps
+    table.add_column("backend", no_wrap=True)
+    for col in ("k", "keys %", "perplexity", "× dense", "tokens", "seconds"):
+        table.add_column(col, justify="right", no_wrap=True)
     for setting in result["settings"]:
         total = result["totals"][setting["name"]]
         k = setting.get("k_at_max_length")

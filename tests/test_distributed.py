@@ -41,4 +41,10 @@ def test_two_processes_equal_one(tmp_path):
     for name, total in one["totals"].items():
         assert two["totals"][name]["tokens"] == total["tokens"]
         assert two["totals"][name]["perplexity"] == pytest.approx(total["perplexity"], rel=1e-6)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["perplexity.json", "perplexity.png"]
+    # only the main process writes: one JSON, one plot, one evaluate record, no partial file left
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "evaluate",
+        "perplexity.json",
+        "perplexity.png",
+    ]
+    assert len(list((tmp_path / "two" / "evaluate").iterdir())) == 1

@@ -64,7 +64,7 @@ def test_reports(docs, tmp_path):
     console = Console(record=True, width=140)
     print_report(result, "tiny", console=console)
     text = console.export_text()
-    assert "dense" in text and "topk k=sqrt" in text and "ratio to dense" in text
+    assert "dense" in text and "topk k=sqrt" in text and "× dense" in text
     paths = write_report(result, tmp_path / "out")
     assert json.loads(paths["json"].read_text())["totals"].keys() == result["totals"].keys()
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
