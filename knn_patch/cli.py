@@ -51,6 +51,11 @@ def eval_(args: argparse.Namespace) -> dict:
     ]
     stride = args.stride or args.max_length
     partial = out / "perplexity.partial.json"  # the finished documents so far, if the run is stopped
+    resume_from = None
+    if args.resume:
+        if not partial.exists():
+            raise FileNotFoundError(f"--resume: there is no {partial} to continue; run without --resume.")
+        resume_from = json.loads(partial.read_text())
     result = evaluate_perplexity(
         model,
         list(zip(docs["name"], docs["input_ids"], strict=True)),
@@ -61,6 +66,7 @@ def eval_(args: argparse.Namespace) -> dict:
         dense_prefill=args.dense_prefill,
         score_from=args.score_from,
         state=state,
+        resume_from=resume_from,
         on_document=(
             lambda so_far: write_json_atomic(partial, {**so_far, "args": vars(args), "complete": False})
         )
@@ -162,6 +168,9 @@ def _eval_arguments(
     p.add_argument("--sink-tokens", type=int, default=0)
     p.add_argument("--local-window", type=int, default=0)
     p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument(
+        "--resume", action="store_true", help="continue a stopped run from OUT/perplexity.partial.json"
+    )
     p.add_argument(
         "--out", default=out, help="folder for perplexity.json, perplexity.png and evaluate records"
     )

@@ -95,6 +95,7 @@ def evaluate_perplexity(
     progress: bool = True,
     state: PartialState | None = None,
     on_document: Callable[[dict[str, Any]], None] | None = None,
+    resume_from: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """NLL of `documents` ((name, token ids) pairs) for dense and every config, window by window.
 
@@ -110,7 +111,8 @@ def evaluate_perplexity(
     sums are gathered, so every process returns the totals of a one-process run.
 
     `on_document(partial_result)` is called after each document with the result so far (of this
-    process's documents): a long run can save its progress.
+    process's documents): a long run can save its progress. `resume_from`, such a partial result
+    of the same settings and documents, continues it: its documents are not scored again.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is invalid: use one of {MODES}.")
@@ -128,15 +130,18 @@ def evaluate_perplexity(
     settings = dict(
         max_length=max_length, stride=stride, mode=mode, dense_prefill=dense_prefill, score_from=score_from
     )
-    per_doc = []
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    done = _check_resume(resume_from, names, settings, documents)
+    per_doc = [done[i] for i in sorted(done)] if rank == 0 else []  # the main process carries them
+    if resume_from is not None and rank == 0:
+        seconds.update({name: resume_from["totals"][name]["seconds"] for name in names})
     plan = [
         (i, name, list(windows(len(ids), max_length, stride, score_from)), ids)
         for i, (name, ids) in enumerate(documents)
     ]
     if not any(doc_windows for _, _, doc_windows, _ in plan):
         raise ValueError(f"No token to score: every document is at most score_from={score_from} tokens long.")
-    plan = plan[rank::world]
+    plan = [item for item in plan[rank::world] if item[0] not in done]
     device = next(model.parameters()).device
     try:
         total_windows = sum(len(w) for _, _, w, _ in plan)
@@ -178,6 +183,31 @@ def evaluate_perplexity(
         seconds = {name: sum(s[name] for s in gather_object([seconds])) for name in names}
         prefill_seconds = sum(gather_object([prefill_seconds]))
     return _result(per_doc, seconds, prefill_seconds, configs, settings)
+
+
+def _check_resume(
+    partial: dict[str, Any] | None,
+    names: list[str],
+    settings: dict[str, Any],
+    documents: Sequence[tuple[str, Sequence[int]]],
+) -> dict[int, dict[str, Any]]:
+    """The finished documents of `partial` by index, after checking it is this same evaluation."""
+    if partial is None:
+        return {}
+    ours = {"settings": names, **settings}
+    theirs = {"settings": [s["name"] for s in partial["settings"]], **{k: partial.get(k) for k in settings}}
+    changed = [f"{key}: saved {theirs[key]}, now {ours[key]}" for key in ours if theirs[key] != ours[key]]
+    if changed:
+        raise ValueError(
+            f"Cannot resume, the saved run differs ({'; '.join(changed)}); use the same arguments."
+        )
+    done = {d["index"]: d for d in partial["documents"]}
+    for index, doc in done.items():
+        if index >= len(documents) or documents[index][0] != doc["name"]:
+            raise ValueError(
+                f"Cannot resume: document {index} was {doc['name']!r}; use the same data arguments."
+            )
+    return done
 
 
 def _result(

@@ -140,3 +140,25 @@ def test_progress_after_each_document(docs):
     assert first["tokens"] == final["documents"][0]["tokens"]
     assert first["nll"] == pytest.approx(final["documents"][0]["nll"]["topk k=2"])
     assert seen[1]["totals"] == final["totals"]
+
+
+def test_resume_from_a_partial_result(docs):
+    model = tiny_model("llama")
+    args = dict(max_length=16, stride=8, progress=False)
+    seen = []
+    full = evaluate_perplexity(model, docs, [KNNConfig(k=2)], on_document=seen.append, **args)
+    again = []
+    resumed = evaluate_perplexity(
+        model, docs, [KNNConfig(k=2)], resume_from=seen[0], on_document=again.append, **args
+    )
+    assert len(again) == 1, "only the unfinished document is scored"
+    assert resumed["documents"] == full["documents"]
+    assert {n: t["nll"] for n, t in resumed["totals"].items()} == {
+        n: t["nll"] for n, t in full["totals"].items()
+    }
+    with pytest.raises(ValueError, match=r"differs.*stride"):
+        evaluate_perplexity(model, docs, [KNNConfig(k=2)], resume_from=seen[0], max_length=16, stride=16)
+    with pytest.raises(ValueError, match=r"differs.*settings"):
+        evaluate_perplexity(model, docs, [KNNConfig(k=3)], resume_from=seen[0], **args)
+    with pytest.raises(ValueError, match="document 0"):
+        evaluate_perplexity(model, docs[::-1], [KNNConfig(k=2)], resume_from=seen[0], **args)
