@@ -7,16 +7,10 @@ from tiny_models import tiny_model
 import knn_patch
 from knn_patch import KNNCache
 
-faiss = pytest.importorskip("faiss")
+pytest.importorskip("faiss")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """faiss's OpenMP threads spin under CPU contention (shared CI machines); one thread is faster there."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def prompts():

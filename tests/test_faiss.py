@@ -14,19 +14,13 @@ from knn_patch.kernels.index import resolve_nlist, validate_index_options
 from knn_patch.kernels.retrieval import recall_at_k, retrieval_attention
 from knn_patch.kernels.topk import topk_attention
 
-faiss = pytest.importorskip("faiss")
+pytest.importorskip("faiss")
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SMALL_BLOCKS = {"block_size": 8, "sync_every": 8}  # so that a 40-token sequence really goes through the index
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """faiss's OpenMP threads spin under CPU contention (shared CI machines); one thread is faster there."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def left_padded(batch=2, n=40, pad=(0, 7)):

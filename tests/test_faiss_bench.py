@@ -6,16 +6,10 @@ import pytest
 
 from knn_patch.bench_faiss import fit_exponent, run_decode, run_growth
 
-faiss = pytest.importorskip("faiss")
+pytest.importorskip("faiss")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """faiss's OpenMP threads spin under CPU contention (shared CI machines); one thread is faster there."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def test_fit_exponent_recovers_a_power_law():
