@@ -85,7 +85,7 @@ def eval_(args: argparse.Namespace) -> dict:
     )
     paths = write_report(result, out)
     partial.unlink(missing_ok=True)
-    print(f"results in {out}/: {', '.join(p.name for p in paths.values())}")
+    print(f"results in {out}/: {', '.join(str(p.relative_to(out)) for p in paths.values())}")
     return result
 
 
