@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
+from .activations import capture_activations
 from .config import KNNConfig
 from .evaluation import evaluate_perplexity
 from .io import atomic_write, write_json_atomic
@@ -33,8 +34,6 @@ from .kernels.gumbel import gumbel_attention
 from .kernels.sampling import exact_attention, group_mask
 from .kernels.tail import tail_attention
 from .kernels.topk import topk_attention
-from .patcher import patch, unpatch
-from .registry import register_backend
 
 ESTIMATORS = ("topk", "tail", "gumbel")
 
@@ -98,35 +97,8 @@ def synthetic_errors(
 
 
 # ---------------------------------------------------------------- 2. real activations
-def capture_activations(model: torch.nn.Module, input_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """q, k, v of every attention layer (after RoPE, before GQA repeat) on one dense forward pass.
-
-    A `capture` backend is registered through the library's registry; it stores its inputs and
-    returns exact attention, so later layers see the dense model's activations."""
-    captured: list[dict[str, torch.Tensor]] = []
-
-    def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, knn_config, **kw):
-        captured.append({"q": query.detach().float(), "k": key.detach().float(), "v": value.detach().float()})
-        b, hq, lq, d = query.shape
-        hkv = key.shape[1]
-        mask = group_mask(attention_mask, hq, hkv, lq, key.shape[2])
-        out = exact_attention(
-            query.view(b, hkv, hq // hkv, lq, d), key, value, mask, causal=True, scale=scaling or d**-0.5
-        )
-        return out.reshape(b, hq, lq, -1).transpose(1, 2).contiguous(), None
-
-    register_backend("capture", capture)
-    patch(model, KNNConfig(backend="capture"))
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids)
-    finally:
-        unpatch(model)
-    return captured
-
-
 def activation_errors(
-    layers: list[dict[str, torch.Tensor]],
+    layers: dict[int, dict[str, torch.Tensor]],
     budgets: Sequence[int] = (32, 64, 128, 256),
     methods: Sequence[str] = ESTIMATORS,
     seed: int = 0,

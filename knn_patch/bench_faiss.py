@@ -120,32 +120,21 @@ def real_recall(
 ) -> dict:
     """Recall@k of ivf and hnsw (default settings unless `options`) on post-RoPE queries/keys of the
     embedded default's `layers` over the first n tokens of the longest of the first 40 bundled speeches."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    from .activations import capture_activations
     from .assets import bundled_corpus_dir
     from .loading import load_default
-    from .patcher import patched
-    from .registry import register_backend
 
     model, tokenizer = load_default()
     path = max(sorted(bundled_corpus_dir().glob("*.txt"))[:40], key=lambda p: p.stat().st_size)
     ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :n]
     model.model.layers = model.model.layers[: max(layers) + 1]  # later layers do not change these
-    captured: dict = {}
-
-    def record(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, knn_config, **kw):
-        captured[module.layer_idx] = (query.detach().clone(), key.detach().clone())
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
-
-    register_backend("record_qk", record)
-    with torch.no_grad(), patched(model, backend="record_qk", layers=list(layers)):
-        model.model(input_ids=ids)
+    captured = capture_activations(model.model, ids, layers)
     out = {"document": path.name, "tokens": ids.shape[1], "k": k, "recall": {}}
     for index in ("ivf", "hnsw"):
         opts = validate_index_options({**(options or {}), "index": index})
         out["recall"][index] = {
-            layer: recall_at_k(q, key, k=k, options=opts, n_queries=256)
-            for layer, (q, key) in captured.items()
+            layer: recall_at_k(act["q"], act["k"], k=k, options=opts, n_queries=256)
+            for layer, act in captured.items()
         }
     return out
 

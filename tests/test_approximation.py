@@ -7,6 +7,7 @@ import torch
 from tiny_models import tiny_model
 
 from knn_patch import approximation
+from knn_patch.activations import capture_activations
 
 
 def test_quick_report_runs_every_part_and_writes_json_and_plots(tmp_path):
@@ -30,7 +31,7 @@ def test_quick_report_runs_every_part_and_writes_json_and_plots(tmp_path):
 
 def test_activation_error_is_zero_when_the_budget_covers_every_key():
     model = tiny_model("llama")
-    layers = approximation.capture_activations(model, torch.arange(3, 27).view(1, 24))
+    layers = capture_activations(model, torch.arange(3, 27).view(1, 24))
     rows = approximation.activation_errors(layers, budgets=(64,), methods=("topk", "tail"), progress=False)
     for r in rows:
         assert r["topk_mass"] == pytest.approx(1.0)

@@ -9,6 +9,7 @@ from tiny_models import tiny_model
 
 import knn_patch
 from knn_patch import KNNConfig
+from knn_patch.activations import capture_activations
 from knn_patch.kernels import index as index_module
 from knn_patch.kernels.index import resolve_nlist, validate_index_options
 from knn_patch.kernels.retrieval import recall_at_k, retrieval_attention
@@ -106,26 +107,15 @@ def smollm_activations():
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :4096]
     assert ids.shape[1] == 4096
     model.model.layers = model.model.layers[:11]  # later layers do not change layers 3 and 10
-    captured = {}
-
-    def record(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, knn_config, **kw):
-        captured[module.layer_idx] = (query.detach().clone(), key.detach().clone())
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
-
-    knn_patch.register_backend("record_qk", record)
-    with torch.no_grad(), knn_patch.patched(model, backend="record_qk", layers=[3, 10]):
-        model.model(input_ids=ids)
-    return captured
+    return capture_activations(model.model, ids, layers=[3, 10])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])
 def test_recall_at_32_on_real_activations_at_default_settings(smollm_activations, index):
     options = validate_index_options({"index": index})
-    for layer, (q, k) in smollm_activations.items():
-        recall = recall_at_k(q, k, k=32, options=options, n_queries=128, seed=0)
+    for layer, act in smollm_activations.items():
+        recall = recall_at_k(act["q"], act["k"], k=32, options=options, n_queries=128, seed=0)
         assert recall >= 0.9, f"layer {layer}: recall@32 {recall:.3f}"
 
 

@@ -1,0 +1,40 @@
+"""Real attention inputs: the q, k, v each attention layer sees on a dense forward pass.
+
+The approximation report, the faiss recall benchmark and its test measure estimators and indexes
+on these rather than only on random tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .patcher import patched
+from .registry import register_backend
+
+
+def capture_activations(
+    model: torch.nn.Module, input_ids: torch.Tensor, layers: Iterable[int] | None = None
+) -> dict[int, dict[str, torch.Tensor]]:
+    """layer index -> {"q", "k", "v"}, fp32 copies (B, H, L, D; after RoPE, before the GQA repeat),
+    for `layers` (all by default). Recorded layers attend densely (SDPA), so every layer sees the
+    dense model's activations. Pass a base model (`model.model`) to skip the LM head."""
+    captured: dict[int, dict[str, torch.Tensor]] = {}
+
+    def capture(
+        module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, knn_config, **kwargs
+    ):
+        captured[module.layer_idx] = {
+            name: t.detach().to(torch.float32, copy=True)
+            for name, t in (("q", query), ("k", key), ("v", value))
+        }
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+
+    register_backend("capture", capture)
+    with torch.no_grad(), patched(model, backend="capture", layers=None if layers is None else list(layers)):
+        model(input_ids=input_ids)
+    return captured
