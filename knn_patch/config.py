@@ -134,7 +134,9 @@ class KNNConfig:
         object.__setattr__(self, "backend_options", dict(self.backend_options))
         from .registry import validate_backend  # late: the registry imports this module
 
-        validate_backend(self.backend, self.backend_options)
+        validate_backend(
+            self.backend, self.backend_options, sinks_or_window=bool(self.sink_tokens or self.local_window)
+        )
 
     def resolve_k(self, n: int) -> int:
         """Keys per query for a call with `n` keys."""

@@ -40,6 +40,7 @@ class Backend:
     name: str
     forward: AttentionFn
     validate_options: Callable[[Mapping[str, Any]], None] | None = None
+    sinks_and_window: bool = True
 
     @property
     def attn_implementation(self) -> str:
@@ -51,12 +52,17 @@ _BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(
-    name: str, forward: AttentionFn, *, validate_options: Callable[[Mapping[str, Any]], None] | None = None
+    name: str,
+    forward: AttentionFn,
+    *,
+    validate_options: Callable[[Mapping[str, Any]], None] | None = None,
+    sinks_and_window: bool = True,
 ) -> Backend:
-    """Add a backend by name. `validate_options(options)` raises ValueError for bad `backend_options`."""
+    """Add a backend by name. `validate_options(options)` raises ValueError for bad `backend_options`;
+    `sinks_and_window=False` makes a config with `sink_tokens` or `local_window` an error."""
     if not name.isidentifier() or any(bad in name for bad in ("flash", "sdpa", "flex")):
         raise ValueError(f"Backend name {name!r} must be an identifier without 'flash', 'sdpa' or 'flex'.")
-    backend = Backend(name, forward, validate_options)
+    backend = Backend(name, forward, validate_options, sinks_and_window)
     _BACKENDS[name] = backend
     return backend
 
@@ -75,13 +81,19 @@ def available_backends() -> list[str]:
     return sorted(set(_BACKENDS) | set(_BUILTIN))
 
 
-def validate_backend(name: str, options: Mapping[str, Any]) -> None:
-    """Raise ValueError naming the field for an unknown backend or options it rejects."""
+def validate_backend(name: str, options: Mapping[str, Any], *, sinks_or_window: bool = False) -> None:
+    """Raise ValueError naming the field for an unknown backend, options it rejects, or sinks or a
+    local window it does not take."""
     if not isinstance(name, str):
         raise ValueError(
             f"KNNConfig.backend={name!r} is invalid; available backends: {available_backends()}."
         )
     backend = get_backend(name)
+    if sinks_or_window and not backend.sinks_and_window:
+        raise ValueError(
+            f"KNNConfig.backend={name!r} does not take sink_tokens or local_window; "
+            "use backend='topk' for those."
+        )
     if backend.validate_options is not None:
         backend.validate_options(options)
     elif options:

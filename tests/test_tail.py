@@ -134,7 +134,8 @@ def test_bad_options_are_clear_errors():
         KNNConfig(backend="tail", backend_options={"samples": 3})
     with pytest.raises(ValueError, match="seed"):
         KNNConfig(backend="tail", backend_options={"seed": "x"})
-    model = tiny_model("llama")
-    knn_patch.patch(model, KNNConfig(k=2, backend="tail", sink_tokens=1))
-    with pytest.raises(ValueError, match="sink_tokens"):
-        model(input_ids=torch.arange(3, 13).view(1, 10))
+    for backend in ("tail", "gumbel"):  # refused when the config is built, not at the first forward
+        with pytest.raises(ValueError, match="does not take sink_tokens or local_window"):
+            KNNConfig(k=2, backend=backend, sink_tokens=1)
+        with pytest.raises(ValueError, match="does not take sink_tokens or local_window"):
+            KNNConfig(k=2, backend=backend, local_window=4)

@@ -21,6 +21,7 @@ from transformers.utils import logging
 
 from ..config import KNNConfig
 from ..kernels.gumbel import gumbel_attention
+from ..kernels.sampling import layer_generator, validate_seed
 from ..registry import register_backend
 
 logger = logging.get_logger("knn_patch")
@@ -56,9 +57,7 @@ def validate_options(options: Mapping[str, Any]) -> None:
             "KNNConfig.backend_options['samples']=1: the sampled backward needs samples >= 2 "
             "(or set exact_backward=True)."
         )
-    seed = opts["seed"]
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"KNNConfig.backend_options['seed']={seed!r} is invalid: use an int >= 0 or None.")
+    validate_seed(opts["seed"])
 
 
 def gumbel_attention_forward(
@@ -78,10 +77,6 @@ def gumbel_attention_forward(
     The mask is `sdpa_mask`'s boolean (True = keep) or None for plain causal. Softcapped scores and
     attention dropout are not estimated: they raise / are ignored with a warning.
     """
-    if knn_config.sink_tokens or knn_config.local_window:
-        raise ValueError(
-            "backend 'gumbel' does not take sink_tokens or local_window; use backend='topk' for those."
-        )
     if kwargs.get("softcap") is not None:
         raise ValueError(
             "backend 'gumbel' does not support softcapped scores (Gemma 2); use 'topk' or 'tail'."
@@ -92,11 +87,6 @@ def gumbel_attention_forward(
     k = knn_config.resolve_k(key.shape[2])
     if k >= key.shape[2]:
         logger.warning_once("knn_patch: gumbel with k >= n keys returns exact attention (no tail to sample).")
-    gen = torch.Generator(device=query.device)
-    if options["seed"] is None:
-        gen.seed()
-    else:
-        gen.manual_seed(options["seed"] * 1_000_003 + (getattr(module, "layer_idx", None) or 0))
     out = gumbel_attention(
         query,
         key,
@@ -109,9 +99,11 @@ def gumbel_attention_forward(
         is_causal=kwargs.get("is_causal", getattr(module, "is_causal", True)),
         exact_backward=options["exact_backward"],
         chunk_size=knn_config.chunk_size,
-        generator=gen,
+        generator=layer_generator(options["seed"], getattr(module, "layer_idx", None), query.device),
     )
     return out.transpose(1, 2).contiguous(), None  # (B, Hq, Lq, D) -> (B, Lq, Hq, D)
 
 
-register_backend("gumbel", gumbel_attention_forward, validate_options=validate_options)
+register_backend(
+    "gumbel", gumbel_attention_forward, validate_options=validate_options, sinks_and_window=False
+)

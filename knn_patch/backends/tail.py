@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..config import KNNConfig
+from ..kernels.sampling import layer_generator, validate_seed
 from ..kernels.tail import tail_attention
 from ..registry import register_backend
 
@@ -30,18 +31,7 @@ def validate_options(options: Mapping[str, Any]) -> None:
     m = options.get("m", DEFAULTS["m"])
     if isinstance(m, bool) or not isinstance(m, int) or m < 0:
         raise ValueError(f"KNNConfig.backend_options['m']={m!r} is invalid for 'tail': use an int >= 0.")
-    seed = options.get("seed", DEFAULTS["seed"])
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"KNNConfig.backend_options['seed']={seed!r} is invalid: use an int >= 0 or None.")
-
-
-def _generator(seed: int | None, module: torch.nn.Module, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed * 1_000_003 + (getattr(module, "layer_idx", None) or 0))
-    return gen
+    validate_seed(options.get("seed", DEFAULTS["seed"]))
 
 
 def tail_attention_forward(
@@ -61,10 +51,6 @@ def tail_attention_forward(
     The mask is `sdpa_mask`'s boolean (True = keep) or None for plain causal; `softcap` (Gemma 2) is
     applied to the scores. No weights are returned.
     """
-    if knn_config.sink_tokens or knn_config.local_window:
-        raise ValueError(
-            "backend 'tail' does not take sink_tokens or local_window; use backend='topk' for those."
-        )
     options = {**DEFAULTS, **knn_config.backend_options}
     out = tail_attention(
         query,
@@ -78,9 +64,9 @@ def tail_attention_forward(
         softcap=kwargs.get("softcap"),
         dropout=dropout,
         chunk_size=knn_config.chunk_size,
-        generator=_generator(options["seed"], module, query.device),
+        generator=layer_generator(options["seed"], getattr(module, "layer_idx", None), query.device),
     )
     return out.transpose(1, 2).contiguous(), None  # (B, Hq, Lq, D) -> (B, Lq, Hq, D)
 
 
-register_backend("tail", tail_attention_forward, validate_options=validate_options)
+register_backend("tail", tail_attention_forward, validate_options=validate_options, sinks_and_window=False)

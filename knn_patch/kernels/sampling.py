@@ -14,6 +14,24 @@ import torch
 
 from .select import topk_rows
 
+
+def validate_seed(seed: object) -> None:
+    """The `seed` backend option: an int >= 0, or None for fresh draws every call."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"KNNConfig.backend_options['seed']={seed!r} is invalid: use an int >= 0 or None.")
+
+
+def layer_generator(seed: int | None, layer_idx: int | None, device: torch.device) -> torch.Generator:
+    """A generator seeded with (seed, layer): a run reproduces and layers draw differently; None
+    seeds it from fresh randomness."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed * 1_000_003 + (layer_idx or 0))
+    return gen
+
+
 # Elements of the (pairs x keys) random keys the sampler holds at once for pairs with large tails.
 _BIG_BUDGET = 1 << 22
 
