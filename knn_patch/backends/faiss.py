@@ -48,9 +48,8 @@ def faiss_attention_forward(
     options = _options(knn_config.backend_options)
     if options["index"] != "flat" and not knn_config.sink_tokens:
         logger.warning_once(
-            "knn_patch: faiss ivf/hnsw without sink_tokens lost far more quality than exact top-k on "
-            "SmolLM2 (perplexity 1.98x dense against topk's 1.33x at k=32; 1.08x against 1.09x with 4 "
-            "sinks and a 64-key window): set sink_tokens (see the README)."
+            "knn_patch: faiss ivf/hnsw without sink_tokens can lose far more quality than exact top-k "
+            "(the first keys, attention sinks, are often missed): set sink_tokens (README, faiss backend)."
         )
     out, _ = retrieval_attention(
         query,
