@@ -11,6 +11,7 @@ import knn_patch
 from knn_patch import KNNConfig
 from knn_patch.activations import capture_activations
 from knn_patch.kernels import index as index_module
+from knn_patch.kernels import retrieval as retrieval_module
 from knn_patch.kernels.index import resolve_nlist, validate_index_options
 from knn_patch.kernels.retrieval import recall_at_k, retrieval_attention
 from knn_patch.kernels.topk import topk_attention
@@ -57,19 +58,44 @@ def test_flat_index_equals_topk_backend_outputs_and_gradients(padded, extras):
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_kernel_flat_equals_topk_in_float64_with_gqa_sinks_window_and_a_cache_offset():
+KERNEL_KW = dict(k=5, sink_tokens=2, local_window=4)
+
+
+def kernel_inputs(dtype, requires_grad):
+    """GQA q, k, v with Lk > Lq (queries are the last 70 of 100 positions), seeded."""
     torch.manual_seed(0)
-    b, hq, hkv, lq, lk, d = 2, 6, 2, 70, 100, 16  # Lk > Lq: queries are the last 70 positions
-    q = torch.randn(b, hq, lq, d, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(b, hkv, lk, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    b, hq, hkv, lq, lk, d = 2, 6, 2, 70, 100, 16
+    q = torch.randn(b, hq, lq, d, dtype=dtype, requires_grad=requires_grad)
+    k, v = (torch.randn(b, hkv, lk, d, dtype=dtype, requires_grad=requires_grad) for _ in range(2))
+    return q, k, v
+
+
+def test_kernel_flat_equals_topk_in_float64_with_gqa_sinks_window_and_a_cache_offset():
+    q, k, v = kernel_inputs(torch.float64, requires_grad=True)
     opts = validate_index_options({"index": "flat", "block_size": 16})
-    kw = dict(k=5, sink_tokens=2, local_window=4)
-    ref = topk_attention(q, k, v, **kw)[0]
-    out = retrieval_attention(q, k, v, options=opts, **kw)[0]
+    ref = topk_attention(q, k, v, **KERNEL_KW)[0]
+    out = retrieval_attention(q, k, v, options=opts, **KERNEL_KW)[0]
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     grads, ref_grads = torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))
     for g_out, g_ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g_out, g_ref, rtol=0, atol=1e-11)
+
+
+def test_kernel_flat_without_grad_scores_retrieved_keys_by_faiss_and_equals_topk(monkeypatch):
+    """No gradient in fp32: faiss's inner products score the retrieved keys, only the sinks are gathered."""
+    q, k, v = kernel_inputs(torch.float32, requires_grad=False)
+    widths = []
+    gather = retrieval_module._gather
+
+    def spy(x, pos):
+        widths.append(pos.shape[-1])
+        return gather(x, pos)
+
+    monkeypatch.setattr(retrieval_module, "_gather", spy)
+    opts = validate_index_options({"index": "flat", "block_size": 16})
+    out = retrieval_attention(q, k, v, options=opts, **KERNEL_KW)[0]
+    assert set(widths) == {KERNEL_KW["sink_tokens"]}
+    torch.testing.assert_close(out, topk_attention(q, k, v, **KERNEL_KW)[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])

@@ -203,18 +203,22 @@ class KeyIndex:
         self.index.nprobe = min(self.options["nprobe"], self.nlist)  # an attribute: CPU and GPU IVF alike
         self.trained = True
 
-    def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """Positions (R, min(k, ntotal)) of the largest inner products with queries (R, D); -1 pads."""
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions (R, min(k, ntotal)) of the largest inner products with queries (R, D), -1 pads,
+        and those fp32 inner products (-inf at pads): None for hnsw, whose L2-reduced distances would
+        lose precision, and when every key is returned unsearched (k >= ntotal)."""
         n = self.ntotal
         r = queries.shape[0]
         if k >= n:  # every indexed key is wanted: no search
-            return torch.from_numpy(self.positions).expand(r, n)
+            return torch.from_numpy(self.positions).expand(r, n), None
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.options["ef_search"], k)
         x = queries.detach().to(device="cpu", dtype=torch.float32)
-        _, ids = self.index.search(self._lift(x, keys=False), k)
-        pos = np.where(ids >= 0, self.positions[np.maximum(ids, 0)], -1)
-        return torch.from_numpy(pos)
+        dist, ids = self.index.search(self._lift(x, keys=False), k)
+        found = ids >= 0
+        pos = np.where(found, self.positions[np.maximum(ids, 0)], -1)
+        scores = None if self.kind == "hnsw" else torch.from_numpy(np.where(found, dist, -np.inf))
+        return torch.from_numpy(pos), scores
 
     def clone(self) -> KeyIndex:
         """An independent copy (beam search may keep one row twice)."""
@@ -276,18 +280,23 @@ class KeyIndexes:
             for h, index in enumerate(row):
                 index.add(key[b, h, start:upto], ok)
 
-    def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Positions (B, Hkv, R, k') for queries (B, Hkv, R, D): one faiss call per KV head, all of its
-        query heads together; k' = min(k, largest ntotal), -1 where an index has fewer results."""
+        query heads together; k' = min(k, largest ntotal), -1 where an index has fewer results. Also
+        their fp32 inner products (-inf at -1) when every index returned them (see `KeyIndex.search`)."""
         found = [
             [index.search(queries[b, h], k) for h, index in enumerate(row)] for b, row in enumerate(self.rows)
         ]
-        width = max(p.shape[-1] for row in found for p in row)
+        width = max(p.shape[-1] for row in found for p, _ in row)
         out = torch.full((*queries.shape[:3], width), -1, dtype=torch.long)
+        with_scores = all(s is not None for row in found for _, s in row)
+        scores = torch.full(out.shape, -math.inf) if with_scores else None
         for b, row in enumerate(found):
-            for h, pos in enumerate(row):
+            for h, (pos, s) in enumerate(row):
                 out[b, h, :, : pos.shape[-1]] = pos
-        return out.to(queries.device)
+                if scores is not None:
+                    scores[b, h, :, : s.shape[-1]] = s
+        return out.to(queries.device), None if scores is None else scores.to(queries.device)
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Rows follow `beam_idx`; a row chosen twice is cloned so the copies grow independently."""

@@ -10,8 +10,11 @@ the keys are split in two disjoint parts:
 with ws = p0 - local_window + 1, or lower: keys join the index in batches of `sync_every`, and
 those not yet added (fewer than sync_every) stay explicit, so a decode step adds no key to faiss
 most of the time. Explicit keys are scored exactly by a matmul; the index returns each
-query's k best keys of its part, whose keys are then gathered and scored again in torch, so
-gradients reach q and every selected k and v (faiss itself is not differentiable). Each query then
+query's k best keys of its part with their fp32 inner products. Those scores are used as they are
+unless q or k needs a gradient, the scores are float64, or the index is hnsw (L2-reduced distances):
+then the retrieved keys are gathered and scored again in torch, so gradients reach q and every
+selected k (faiss itself is not differentiable). Values are always gathered in torch, so gradients
+reach every selected v. Each query then
 keeps its forced keys (sinks, and the local window ending at itself) plus its k best others among
 all candidates, and takes one softmax over them: the log-sum-exp merge of the two parts.
 
@@ -131,6 +134,10 @@ def retrieval_attention(
         indexes = KeyIndexes(key, options=opts)
 
     acc = torch.promote_types(query.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
+    # faiss's fp32 inner products stand for the retrieved keys' scores unless q or k needs a gradient
+    # (faiss is not differentiable) or the scores are float64: then those keys are gathered and rescored
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    rescore = needs_grad or acc != torch.float32
     width = k + sink_tokens + local_window
     outs, kept = [], []
     with torch.autocast(device_type=device.type, enabled=False):
@@ -146,21 +153,24 @@ def retrieval_attention(
             qb = q_all[:, :, :, q0:q1].reshape(b, hkv, g * c, d)  # (B, Hkv, G*C, D)
             qpos = (torch.arange(c, device=device) + p0).repeat(g).view(1, 1, g * c, 1)  # per score row
 
-            ret = indexes.search(qb, k)  # (B, Hkv, G*C, k'), k' = 0 while the index is empty
-            parts_pos, parts_s = [], []
+            ret, ret_s = indexes.search(qb, k)  # (B, Hkv, G*C, k'), k' = 0 while the index is empty
+            to_gather, parts_pos, parts_s = [], [], []
             if n_sinks:
-                sp = sink_pos.expand(b, n_sinks)
-                sp = torch.where(sp < ws, sp, -1).view(b, 1, 1, n_sinks).expand(b, hkv, g * c, n_sinks)
-                parts_pos.append(sp)
-            if ret.shape[-1]:
-                parts_pos.append(ret)  # (B, Hkv, G*C, k')
-            gathered = torch.cat(parts_pos, -1) if parts_pos else None
-            if gathered is not None:  # sinks and retrieved keys: gathered, then scored exactly
+                sp = torch.where(sink_pos < ws, sink_pos, -1).expand(b, n_sinks)
+                to_gather.append(sp.view(b, 1, 1, n_sinks).expand(b, hkv, g * c, n_sinks))
+            if ret.shape[-1] and (ret_s is None or rescore):
+                to_gather.append(ret)  # (B, Hkv, G*C, k')
+            if to_gather:  # sinks (and retrieved keys when rescoring): gathered, then scored exactly
+                gathered = torch.cat(to_gather, -1)
                 kg = _gather(k_all, gathered)  # (B, Hkv, G*C, t, D)
+                parts_pos.append(gathered)
                 parts_s.append((kg @ qb.unsqueeze(-1)).squeeze(-1))  # (B, Hkv, G*C, t)
-            epos = torch.arange(ws, p1, device=device).expand(b, hkv, g * c, p1 - ws)
+            if ret.shape[-1] and ret_s is not None and not rescore:  # faiss's own inner products
+                parts_pos.append(ret)
+                parts_s.append(ret_s)
+            parts_pos.append(torch.arange(ws, p1, device=device).expand(b, hkv, g * c, p1 - ws))
             parts_s.append(qb @ k_all[:, :, ws:p1].transpose(-1, -2))  # (B, Hkv, G*C, p1 - ws)
-            pos = epos if gathered is None else torch.cat([gathered, epos], -1)  # (B, Hkv, G*C, M)
+            pos = torch.cat(parts_pos, -1)  # (B, Hkv, G*C, M)
             s = torch.cat(parts_s, -1) * scale
             if softcap is not None:
                 s = torch.tanh(s / softcap) * softcap
