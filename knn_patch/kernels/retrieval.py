@@ -78,6 +78,33 @@ def _mask_at(mask: torch.Tensor | None, pos: torch.Tensor, q0: int, c: int, g: i
     return rows.gather(-1, pos.clamp_min(0))
 
 
+def _explicit_masks(
+    mask: torch.Tensor | None,
+    is_sink: torch.Tensor | None,
+    q0: int,
+    p0: int,
+    ws: int,
+    p1: int,
+    n_sinks: int,
+    local_window: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Visibility and forcing of the explicit keys (positions ws..p1-1) for the block's queries (rows
+    q0.., positions p0..p1-1): (C, E) tensors shared by every head, or (B|1, 1|Hkv, 1|G, C, E) with
+    a mask; forced is None when nothing is. Built per block, not per score row, so that no position
+    tensor of the scores' size is materialised. `is_sink` (B|1, Lk) with a mask, else None."""
+    kpos = torch.arange(ws, p1, device=device)
+    qpos = torch.arange(p0, p1, device=device).unsqueeze(-1)  # (C, 1)
+    vis = kpos <= qpos  # (C, E)
+    if mask is not None:
+        vis = vis & mask[..., q0 : q0 + p1 - p0, ws:p1]
+    forced = vis & (kpos > qpos - local_window) if local_window else None
+    if n_sinks:
+        sink = kpos < n_sinks if is_sink is None else is_sink[:, ws:p1].view(-1, 1, 1, 1, p1 - ws)
+        forced = vis & sink if forced is None else forced | (vis & sink)
+    return vis, forced
+
+
 def retrieval_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -127,7 +154,7 @@ def retrieval_attention(
         sink_pos = torch.where(sink_pos < lk, sink_pos, -1)[:, :n_sinks]  # (B|1, s): -1 past a row's sinks
         index_valid = (valid & ~is_sink).cpu()  # padding and sinks are never indexed
     else:  # plain causal: the sinks are positions 0..s-1, and nothing O(Lk) is built (decode steps)
-        mask, n_sinks, index_valid = None, min(sink_tokens, lk), None
+        mask, is_sink, n_sinks, index_valid = None, None, min(sink_tokens, lk), None
         sink_pos = torch.arange(n_sinks, device=device).view(1, n_sinks)
     if indexes is None:
         opts = dict(options) if lq >= bs else {**options, "index": "flat"}
@@ -151,10 +178,10 @@ def retrieval_attention(
                 indexes.sync(key, ws, index_valid, first=n_sinks if mask is None else 0)
             ws = indexes.seen  # keys from here on (at most sync_every - 1 beyond the window) are explicit
             qb = q_all[:, :, :, q0:q1].reshape(b, hkv, g * c, d)  # (B, Hkv, G*C, D)
-            qpos = (torch.arange(c, device=device) + p0).repeat(g).view(1, 1, g * c, 1)  # per score row
 
+            # front columns: the sinks before ws and the retrieved keys, all before any query's window
             ret, ret_s = indexes.search(qb, k)  # (B, Hkv, G*C, k'), k' = 0 while the index is empty
-            to_gather, parts_pos, parts_s = [], [], []
+            to_gather, front_pos, parts_s = [], [], []
             if n_sinks:
                 sp = torch.where(sink_pos < ws, sink_pos, -1).expand(b, n_sinks)
                 to_gather.append(sp.view(b, 1, 1, n_sinks).expand(b, hkv, g * c, n_sinks))
@@ -163,31 +190,34 @@ def retrieval_attention(
             if to_gather:  # sinks (and retrieved keys when rescoring): gathered, then scored exactly
                 gathered = torch.cat(to_gather, -1)
                 kg = _gather(k_all, gathered)  # (B, Hkv, G*C, t, D)
-                parts_pos.append(gathered)
+                front_pos.append(gathered)
                 parts_s.append((kg @ qb.unsqueeze(-1)).squeeze(-1))  # (B, Hkv, G*C, t)
             if ret.shape[-1] and ret_s is not None and not rescore:  # faiss's own inner products
-                parts_pos.append(ret)
+                front_pos.append(ret)
                 parts_s.append(ret_s)
-            parts_pos.append(torch.arange(ws, p1, device=device).expand(b, hkv, g * c, p1 - ws))
+            fpos = torch.cat(front_pos, -1) if front_pos else None  # (B, Hkv, G*C, F)
+            f = 0 if fpos is None else fpos.shape[-1]
+            # then the explicit columns, positions ws..p1-1
             parts_s.append(qb @ k_all[:, :, ws:p1].transpose(-1, -2))  # (B, Hkv, G*C, p1 - ws)
-            pos = torch.cat(parts_pos, -1)  # (B, Hkv, G*C, M)
-            s = torch.cat(parts_s, -1) * scale
+            s = torch.cat(parts_s, -1) * scale  # (B, Hkv, G*C, F + p1 - ws)
             if softcap is not None:
                 s = torch.tanh(s / softcap) * softcap
 
-            vis = (pos >= 0) & (pos <= qpos)
-            at = _mask_at(mask, pos, q0, c, g)
-            if at is not None:
-                vis = vis & at
-            forced = vis & (pos > qpos - local_window) if local_window else torch.zeros_like(vis)
-            if n_sinks:
-                if mask is None:
-                    sink_at = pos < n_sinks
-                else:
-                    sink_at = is_sink.expand(b, lk).gather(-1, pos.clamp_min(0).flatten(1)).view_as(pos)
-                forced = forced | (vis & sink_at)
-            take = min(width, pos.shape[-1])
-            ranked = torch.where(forced, math.inf, torch.where(vis, s.detach(), -math.inf))
+            # ranking: -inf where not visible, +inf where forced (sinks, window), else the score
+            ranked = s.detach().clone()
+            if f:
+                vis = fpos >= 0
+                at = _mask_at(mask, fpos, q0, c, g)
+                if at is not None:
+                    vis = vis & at
+                ranked[..., :f].masked_fill_(~vis, -math.inf)
+                ranked[..., :n_sinks].masked_fill_(vis[..., :n_sinks], math.inf)  # the sink columns
+            vis, forced = _explicit_masks(mask, is_sink, q0, p0, ws, p1, n_sinks, local_window, device)
+            explicit = ranked[..., f:].unflatten(2, (g, c))  # (B, Hkv, G, C, p1 - ws), a view
+            explicit.masked_fill_(~vis, -math.inf)
+            if forced is not None:
+                explicit.masked_fill_(forced, math.inf)
+            take = min(width, ranked.shape[-1])
             sel, idx = ranked.topk(take, dim=-1)  # (B, Hkv, G*C, take)
             is_forced = sel == math.inf
             keep = (sel > -math.inf) & (is_forced | ((~is_forced).cumsum(-1) <= k))
@@ -199,7 +229,9 @@ def retrieval_attention(
             p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)  # zero rows stay zero
             if dropout > 0:
                 p = torch.nn.functional.dropout(p, dropout)
-            sel_pos = pos.gather(-1, idx)  # (B, Hkv, G*C, take)
+            sel_pos = idx + (ws - f)  # (B, Hkv, G*C, take): explicit column -> position
+            if f:
+                sel_pos = torch.where(idx < f, fpos.gather(-1, idx.clamp_max(f - 1)), sel_pos)
             out = _weighted_rows(v_all, sel_pos, p)  # (B, Hkv, G*C, Dv)
             outs.append(out.view(b, hkv, g, c, dv))
             if return_positions:
