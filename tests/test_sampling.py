@@ -1,12 +1,13 @@
 """The shared sampling math: the lazy Gumbel sampler draws exactly from softmax, the tail sample
 is a uniform subset with inverse-inclusion weights, median of means."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from knn_patch.kernels.sampling import lazy_gumbel_sample, median_of_means, tail_select
+from knn_patch.kernels.sampling import lazy_gumbel_sample, median_of_means, tail_sample, tail_select
 
 
 def chi_square_pvalue(draws: torch.Tensor, probs: torch.Tensor) -> float:
@@ -86,6 +87,36 @@ def test_tail_select_takes_the_whole_tail_when_m_covers_it():
     kept = idx[0][torch.isfinite(logw[0])]
     assert sorted(kept.tolist()) == list(range(25))
     assert (logw[0][torch.isfinite(logw[0])] == 0).all(), "weight n_rest / m = 1"
+
+
+def subset_ids(idx: torch.Tensor, rest: list[int], m: int) -> torch.Tensor:
+    """Each row's set of m keys (all in `rest`) as its index among the m-subsets of `rest`."""
+    ids = {c: i for i, c in enumerate(itertools.combinations(rest, m))}
+    return torch.tensor([ids[tuple(sorted(r))] for r in idx.tolist()])
+
+
+def test_tail_sample_of_a_causal_prefix_is_a_uniform_subset():
+    """The prefix path (row r sees keys [0, ends[r]), no (R, L) mask): 3 distinct keys of the 6 visible
+    keys outside the top-k, each of the 20 subsets equally likely, weight 6/3; and the test has power
+    against a sampler whose keys are distinct but not a uniform subset."""
+    rows, rest = 30_000, [0, 1, 3, 5, 6, 8]
+    top = torch.tensor([7, 2, 9, 4]).expand(rows, -1)  # unsorted, as the fused selection returns it
+    idx, logw = tail_sample(top, 3, torch.Generator().manual_seed(0), ends=torch.full((rows,), 10))
+    torch.testing.assert_close(logw, torch.full((rows, 3), math.log(6 / 3), dtype=torch.float64))
+    uniform = torch.full((20,), 1 / 20)
+    assert chi_square_pvalue(subset_ids(idx, rest, 3), uniform) > 1e-3  # also: distinct, only rest keys
+    # sorted i.i.d. ranks shifted apart: distinct keys, but a non-uniform subset
+    ranks = torch.randint(0, 4, (rows, 3), generator=torch.Generator().manual_seed(1)).sort(-1).values
+    shifted = torch.tensor(rest)[ranks + torch.arange(3)]
+    assert chi_square_pvalue(subset_ids(shifted, rest, 3), uniform) < 1e-6
+
+
+def test_tail_sample_takes_a_short_tail_whole_and_an_empty_one_not_at_all():
+    top = torch.tensor([[2, 4, 1, 0], [3, 1, 0, 2]])
+    idx, logw = tail_sample(top, 3, torch.Generator().manual_seed(0), ends=torch.tensor([6, 3]))
+    assert sorted(idx[0, torch.isfinite(logw[0])].tolist()) == [3, 5]  # the whole tail, weight 1
+    assert (logw[0].sort().values == torch.tensor([-math.inf, 0.0, 0.0], dtype=torch.float64)).all()
+    assert (logw[1] == -math.inf).all() and (idx[1] == 0).all()  # 3 visible keys, all in the top-k
 
 
 def test_median_of_means():

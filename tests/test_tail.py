@@ -16,12 +16,14 @@ from knn_patch.kernels.tail import tail_attention
 from knn_patch.kernels.topk import topk_attention
 
 
-def exact(q, k, v, mask=None):
+def exact(q, k, v, mask=None, softcap=None):
     """Dense softmax attention in the (B, Hq, Lq, D) layout (bottom-right causal when mask is None)."""
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
     m = group_mask(mask, hq, hkv, lq, k.shape[2])
-    out = exact_attention(q.view(b, hkv, hq // hkv, lq, d), k, v, m, causal=True, scale=d**-0.5)
+    out = exact_attention(
+        q.view(b, hkv, hq // hkv, lq, d), k, v, m, causal=True, scale=d**-0.5, softcap=softcap
+    )
     return out.reshape(b, hq, lq, -1)
 
 
@@ -49,6 +51,26 @@ def test_sampling_the_whole_tail_is_exact(masked):
     mask = padding_mask(2, 25, 40, [0, 9]) if masked else None
     out = tail_attention(q, k, v, mask, k=3, m=40, generator=gen())
     torch.testing.assert_close(out, exact(q, k, v, mask), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float32: the compiled selection
+@pytest.mark.parametrize("case", ["causal", "padded", "softcap"])
+def test_queries_whose_tail_fits_in_m_are_exact_and_later_ones_are_sampled(case, dtype):
+    """Each way the kernel draws samples: the fused causal selection (keys [0, i] visible, no score
+    block), a padding mask (any visible set) and materialised causal scores (softcap). A query whose
+    visible keys number at most k + m takes them all; later ones differ from exact attention."""
+    q, k, v = inputs(lq=48, lk=48, dtype=dtype)
+    pads = [0, 5] if case == "padded" else [0, 0]
+    mask = padding_mask(2, 48, 48, pads) if case == "padded" else None
+    softcap = 2.0 if case == "softcap" else None
+    with torch.no_grad():
+        out = tail_attention(q, k, v, mask, k=3, m=6, softcap=softcap, chunk_size=16, generator=gen())
+        ref = exact(q, k, v, mask, softcap)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for row, pad in enumerate(pads):
+        whole = 3 + 6 + pad  # queries [0, whole) see at most k + m keys
+        torch.testing.assert_close(out[row, :, :whole], ref[row, :, :whole].to(dtype), atol=tol, rtol=0)
+        assert (out[row, :, whole + 8 :] - ref[row, :, whole + 8 :]).abs().amax() > 1e-3
 
 
 def test_weighted_sums_are_unbiased_and_the_output_converges():
@@ -79,9 +101,13 @@ def test_weighted_sums_are_unbiased_and_the_output_converges():
     assert errors[0] > errors[1] > errors[2]
 
 
-def test_gradients_flow_through_kept_and_sampled_keys():
-    q, k, v = inputs(b=1, hq=2, hkv=1, lq=8, lk=8, d=4)
-    torch.autograd.gradcheck(lambda q, k, v: tail_attention(q, k, v, k=2, m=3, generator=gen(5)), (q, k, v))
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradients_flow_through_kept_and_sampled_keys(masked):
+    q, k, v = inputs(b=2, hq=2, hkv=1, lq=8, lk=8, d=4)
+    mask = padding_mask(2, 8, 8, [0, 2]) if masked else None
+    torch.autograd.gradcheck(
+        lambda q, k, v: tail_attention(q, k, v, mask, k=2, m=3, chunk_size=4, generator=gen(5)), (q, k, v)
+    )
 
 
 def test_seed_reproduces_and_another_seed_differs():

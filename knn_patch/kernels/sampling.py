@@ -112,40 +112,93 @@ def exact_attention(
     return torch.cat(outs, dim=3)
 
 
+def rest_mask(s: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """The visible keys outside the top-k of score rows s (R, L), top indices (R, kk) -> (R, L) boolean."""
+    rest = torch.isfinite(s)
+    rest.scatter_(1, top, False)  # unfilled top-k slots point at masked keys, already False
+    return rest
+
+
 def _topk_set(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k of score rows s (R, L): values (R, kk) (-inf in unfilled slots), indices (R, kk), and the
     rest mask (R, L): the visible keys outside the top-k."""
     vals, top = topk_rows(s.contiguous(), min(k, s.shape[-1]))
     top = top.long()
-    rest = torch.isfinite(s)
-    rest.scatter_(1, top, False)  # unfilled slots point at masked keys, already False
-    return vals, top, rest
+    return vals, top, rest_mask(s, top)
+
+
+def _nth_rest(rest: torch.Tensor, row: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Key position of the rank-th (from 0) rest key of row `row`, for rest (R, L) and flat row/rank lists."""
+    n = rest.shape[-1]
+    gcum = rest.reshape(-1).cumsum(0)  # (R*L,) rest keys up to each flat position
+    base = torch.where(row > 0, gcum[(row * n - 1).clamp_min(0)], 0)
+    return torch.searchsorted(gcum, base + rank + 1) - row * n
+
+
+def _distinct_ranks(n_rest: torch.Tensor, m: int, generator: torch.Generator | None) -> torch.Tensor:
+    """min(m, n_rest[r]) distinct ranks drawn uniformly from [0, n_rest[r]) for each row r -> (R, m),
+    -1 in unused slots.
+
+    Floyd's algorithm, vectorised over rows: step i draws t uniform in [0, j] for j = n_rest - mm + i
+    and keeps t, or j if t was already taken. Every subset is equally likely, and a row costs O(m^2)
+    however many keys it may draw from.
+    """
+    mm = n_rest.clamp_max(m)  # (R,)
+    step = torch.arange(m, device=n_rest.device).unsqueeze(-1)  # (m, 1)
+    # steps along dim 0, rows contiguous along dim 1: the loop's slices are ~5x faster than (R, m)
+    j = n_rest - mm + step  # (m, R): each step's upper bound
+    u = torch.rand(j.shape, generator=generator, device=n_rest.device, dtype=torch.float64)
+    ranks = torch.minimum((u * (j + 1)).long(), j)  # each step's t, before the sequential check
+    for i in range(1, m):
+        ranks[i] = torch.where((ranks[:i] == ranks[i]).any(0), j[i], ranks[i])
+    return ranks.masked_fill_(step >= mm, -1).T.contiguous()
+
+
+def tail_sample(
+    top: torch.Tensor,
+    m: int,
+    generator: torch.Generator | None,
+    *,
+    ends: torch.Tensor | None = None,
+    rest: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `tail` estimator's sample for rows with top-k indices top (R, kk): key indices and
+    log-weights (R, m) (float64), index 0 and log-weight -inf in unused slots.
+
+    Each row draws min(m, n_rest) keys uniformly without replacement from its n_rest visible keys
+    outside the top-k, each weighted n_rest / min(m, n_rest): the inverse of its inclusion
+    probability, so the weighted exp-score sum over the sample is an unbiased estimate of the sum
+    over the whole tail. The visible keys are either the first ends[r] keys of row r (causal or
+    unmasked rows; the top-k must then be their kk best, so nothing of size L is built) or given as
+    the `rest` mask (R, L) (any mask; see `rest_mask`).
+    """
+    kk = top.shape[-1]
+    n_rest = (ends - kk).clamp_min(0) if rest is None else rest.sum(-1)
+    rank = _distinct_ranks(n_rest, m, generator)  # (R, m)
+    used = rank >= 0
+    rank = rank.clamp_min(0)
+    if rest is None:
+        # rank-th key outside the sorted top-k t_0 < t_1 < ...: skip every t_i with t_i - i <= rank
+        gaps = top.sort(-1).values - torch.arange(kk, device=top.device)
+        pos = rank + torch.searchsorted(gaps.contiguous(), rank, right=True)
+    else:
+        row = torch.arange(rank.shape[0], device=top.device).unsqueeze(-1).expand_as(rank)
+        pos = _nth_rest(rest, row.reshape(-1), rank.reshape(-1)).view_as(rank)
+    logw = torch.log(n_rest.double() / used.sum(-1).clamp_min(1)).unsqueeze(-1)  # (R, 1), float64
+    return pos.masked_fill(~used, 0), torch.where(used, logw, -math.inf)
 
 
 def tail_select(
     s: torch.Tensor, k: int, m: int, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `tail` estimator's keys and log-weights for score rows s (R, L) -> (R, kk + mm) each.
-
-    Each row keeps its top-k keys with weight 1, plus min(m, n_rest) keys drawn uniformly without
-    replacement from its n_rest other visible keys, each with weight n_rest / min(m, n_rest): the
-    inverse of its inclusion probability, so the weighted exp-score sum over the sample is an
-    unbiased estimate of the sum over the whole tail. Unused slots hold index 0 and log-weight -inf.
-    """
+    """The `tail` estimator's keys and log-weights for score rows s (R, L) -> (R, kk + m) each: the
+    top-k keys with weight 1, then `tail_sample`'s. Unused slots hold index 0 and log-weight -inf.
+    (The kernel, `topk_attention` with tail_samples, does the same per chunk.)"""
     vals, top, rest = _topk_set(s, k)
-    logw_top = torch.where(torch.isfinite(vals), 0.0, -math.inf).to(s.dtype)
-    mm = min(m, s.shape[-1])
-    if mm == 0:
-        return top.masked_fill(~torch.isfinite(vals), 0), logw_top
-    n_rest = rest.sum(-1, keepdim=True)  # (R, 1)
-    # m distinct uniform keys of the rest: the m largest of i.i.d. uniform random keys
-    u = torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype).masked_fill_(~rest, -1.0)
-    uv, samp = topk_rows(u, mm)  # (R, mm)
-    taken = uv >= 0
-    logw = torch.log(n_rest / taken.sum(-1, keepdim=True).clamp_min(1)).to(s.dtype)  # (R, 1)
-    logw_samp = torch.where(taken, logw, -math.inf)
-    idx = torch.cat([top.masked_fill(~torch.isfinite(vals), 0), samp.long().masked_fill(~taken, 0)], -1)
-    return idx, torch.cat([logw_top, logw_samp], -1)
+    found = torch.isfinite(vals)
+    logw_top = torch.where(found, 0.0, -math.inf).to(s.dtype)
+    samp, logw = tail_sample(top, min(m, s.shape[-1]), generator, rest=rest)
+    return torch.cat([top.masked_fill(~found, 0), samp], -1), torch.cat([logw_top, logw.to(s.dtype)], -1)
 
 
 def _gumbel(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -190,12 +243,8 @@ def _distinct_positions(
             todo = torch.nonzero(redo[pair]).flatten()
         else:
             raise RuntimeError("lazy Gumbel sampler: duplicate tail draws did not resolve")
-        row = row_of[pair]
-        gcum = rest.reshape(-1).cumsum(0)  # (R*L,) rest keys up to each flat position
-        base = torch.where(row > 0, gcum[(row * rest.shape[-1] - 1).clamp_min(0)], 0)
-        flat = torch.searchsorted(gcum, base + rank + 1)  # the (rank)-th rest key of the row
         pairs.append(pair)
-        positions.append(flat - row * rest.shape[-1])
+        positions.append(_nth_rest(rest, row_of[pair], rank))
     big = torch.nonzero(~small & (count > 0)).flatten()
     step = max(1, _BIG_BUDGET // rest.shape[-1])  # bounds the (pairs, L) random keys held at once
     for pb in big.split(step):

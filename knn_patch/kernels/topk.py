@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from .sampling import rest_mask, tail_sample
 from .select import scores_topk, topk_rows
 
 # Working sets, in elements, that bound memory at long n: the forward's score block (queries x
@@ -112,7 +113,10 @@ def _probabilities(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 class _TopKAttention(torch.autograd.Function):
     """Inputs in grouped layout: q (B, Hkv, G, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv).
 
-    Saves the selected indices (B, Hkv, G, Lq, kk) and weights, never the score matrix.
+    Saves the selected indices (B, Hkv, G, Lq, t) and weights, never the score matrix. With
+    `tail_samples` m > 0, each row also gets the `tail` estimator's m uniform samples of its other
+    visible keys, weighted n_rest/m (`sampling.tail_sample`); the backward is unchanged, as the
+    weights enter only through the saved probabilities.
     """
 
     @staticmethod
@@ -131,12 +135,14 @@ class _TopKAttention(torch.autograd.Function):
         dropout,
         chunk_size,
         generator,
+        tail_samples=0,
     ):
         b, hkv, g, lq, d = q.shape
         lk, dv = key.shape[2], value.shape[-1]
         device = q.device
         n_forced = sink_tokens + local_window
         kk = min(k + n_forced, lk)
+        width = min(kk + tail_samples, lk)  # saved slots per query: top-k, then tail samples
         offset = lk - lq  # queries are the last lq positions (bottom-right causal alignment)
         # The fused path (no mask, sinks, window or softcap) never materialises a score block.
         fused = mask is None and not n_forced and softcap is None
@@ -146,11 +152,12 @@ class _TopKAttention(torch.autograd.Function):
         k32, v32 = key.to(acc), value.to(acc)
         out = torch.zeros(b, hkv, g, lq, dv, dtype=acc, device=device)
         # int32 halves the saved state; key indices stay far below 2**31
-        idx_all = torch.zeros(b, hkv, g, lq, kk, dtype=torch.int32, device=device)
-        p_all = torch.zeros(b, hkv, g, lq, kk, dtype=acc, device=device)
-        drop_all = torch.ones(b, hkv, g, lq, kk, dtype=torch.bool, device=device) if dropout > 0 else None
+        idx_all = torch.zeros(b, hkv, g, lq, width, dtype=torch.int32, device=device)
+        p_all = torch.zeros(b, hkv, g, lq, width, dtype=acc, device=device)
+        drop_all = torch.ones(b, hkv, g, lq, width, dtype=torch.bool, device=device) if dropout > 0 else None
         s_all = torch.zeros_like(p_all) if softcap is not None else None
         buffer = None  # score block, grown as needed by chunks that leave the fused path
+        sample_buffer = None  # the tail samples' gathered keys in the fused path (reused: no page faults)
         ranges = []
         for q0 in range(0, lq, chunk):
             q1 = min(q0 + chunk, lq)
@@ -161,8 +168,9 @@ class _TopKAttention(torch.autograd.Function):
             if n == 0:
                 continue
             qc = q[:, :, :, q0:q1].to(acc).reshape(b, hkv, g * c, d) * scale
-            take = min(kk, n)
-            row_end = None
+            # a chunk whose top-k and tail samples would cover every key takes them all: exact
+            take = kk if kk + tail_samples < n else n
+            s = visible = row_end = None
             if mask is None and causal and take < n:  # selection stops at each row's causal limit
                 row_end = (torch.arange(c, device=device) + (q0 + offset + 1 - lo)).clamp(max=n)
                 row_end = row_end.expand(b, hkv, g, c).reshape(-1)  # one per score row
@@ -200,18 +208,40 @@ class _TopKAttention(torch.autograd.Function):
                 keep = (sel > -math.inf) & (is_forced | (rank <= k))
             else:
                 vals, keep = sel, sel > -math.inf
-            p = _probabilities(vals, keep)
+            logw = None
+            if tail_samples and take < n:
+                rows = pos.reshape(-1, take)
+                if visible is None:  # causal or unmasked: row r sees its first row_end[r] (or n) keys
+                    ends = row_end if row_end is not None else torch.full_like(rows[:, 0], n)
+                    spos, logw = tail_sample(rows, tail_samples, generator, ends=ends)
+                else:
+                    rest = rest_mask(s.reshape(-1, n), rows)
+                    spos, logw = tail_sample(rows, tail_samples, generator, rest=rest)
+                spos = spos.view(b, hkv, g, c, tail_samples)
+                logw = torch.cat([torch.zeros_like(vals), logw.view_as(spos).to(acc)], -1)
+                if s is None:  # fused selection: score the sampled keys only
+                    size = spos.numel() * d
+                    if sample_buffer is None or sample_buffer.numel() < size:
+                        sample_buffer = torch.empty(size, dtype=acc, device=device)  # reused
+                    k_samp = _gather_rows(k32, spos + lo, sample_buffer[:size])  # (B, Hkv, G, C, m, D)
+                    svals = (qc.view(b, hkv, g, c, 1, d) @ k_samp.transpose(-1, -2)).squeeze(-2)
+                else:
+                    svals = s.gather(-1, spos)
+                vals, pos = torch.cat([vals, svals], -1), torch.cat([pos, spos], -1)
+                keep = torch.isfinite(vals + logw)
+            p = _probabilities(vals if logw is None else vals + logw, keep)
+            t = p.shape[-1]
             if dropout > 0:
                 drop = torch.rand(p.shape, device=device, generator=generator) >= dropout
-                drop_all[:, :, :, q0:q1, :take] = drop
+                drop_all[:, :, :, q0:q1, :t] = drop
                 pw = p * drop / (1 - dropout)
             else:
                 pw = p
             out[:, :, :, q0:q1] = _apply_weights(pw, pos, v32, lo, n)
-            idx_all[:, :, :, q0:q1, :take] = pos + lo
-            p_all[:, :, :, q0:q1, :take] = p
+            idx_all[:, :, :, q0:q1, :t] = pos + lo
+            p_all[:, :, :, q0:q1, :t] = p
             if s_all is not None:
-                s_all[:, :, :, q0:q1, :take] = torch.where(keep, vals, torch.zeros_like(vals))
+                s_all[:, :, :, q0:q1, :t] = torch.where(keep, vals, torch.zeros_like(vals))
 
         ctx.save_for_backward(q, key, value, idx_all, p_all, drop_all, s_all)
         ctx.meta = (scale, softcap, dropout, ranges)
@@ -277,7 +307,7 @@ class _TopKAttention(torch.autograd.Function):
                 k_sel = _gather_rows(k32[:, :, lo:hi], pos)  # (B, Hkv, G, C, take, D)
                 dq[:, :, :, q0:q1] = (ds.unsqueeze(-2) @ k_sel).squeeze(-2)
                 _scatter_rows(dk, pos + lo, ds.unsqueeze(-1) * qc.unsqueeze(-2))
-        return (dq.to(q.dtype), dk.to(key.dtype), dvv.to(value.dtype)) + (None,) * 10
+        return (dq.to(q.dtype), dk.to(key.dtype), dvv.to(value.dtype)) + (None,) * 11
 
 
 def _dense_chunk(take: int, n: int) -> bool:
@@ -285,11 +315,13 @@ def _dense_chunk(take: int, n: int) -> bool:
     return 4 * take >= n
 
 
-def _gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """x (B, Hkv, L, E), pos (B, Hkv, G, C, t) -> (B, Hkv, G, C, t, E)."""
+def _gather_rows(x: torch.Tensor, pos: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, Hkv, L, E), pos (B, Hkv, G, C, t) -> (B, Hkv, G, C, t, E), into the flat buffer `out`
+    when given (its size must match)."""
     b, hkv, n, e = x.shape
     flat = pos + (torch.arange(b * hkv, device=x.device) * n).view(b, hkv, 1, 1, 1)  # (B, Hkv, G, C, t)
-    return x.reshape(b * hkv * n, e).index_select(0, flat.reshape(-1)).view(*pos.shape, e)
+    out = None if out is None else out.view(-1, e)
+    return torch.index_select(x.reshape(b * hkv * n, e), 0, flat.reshape(-1), out=out).view(*pos.shape, e)
 
 
 def _scatter_rows(dst: torch.Tensor, pos: torch.Tensor, src: torch.Tensor) -> None:
@@ -332,6 +364,7 @@ def topk_attention(
     chunk_size: int = 512,
     generator: torch.Generator | None = None,
     return_weights: bool = False,
+    tail_samples: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact kNN attention.
 
@@ -351,6 +384,9 @@ def topk_attention(
     elsewhere, so results are reproducible. A query that may see no key
     (a fully padded row) gets zero output and zero weights, never NaN.
 
+    `tail_samples` m > 0 adds the `tail` estimator's m reweighted uniform samples of the other
+    visible keys (see `tail.tail_attention`, its entry point); not with sinks or a window.
+
     Returns the output (B, Hq, Lq, Dv) in the query's dtype and, with `return_weights`, the dense
     weights (B, Hq, Lq, Lk) (O(Lq * Lk) memory: for inspection only).
     """
@@ -360,6 +396,8 @@ def topk_attention(
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}).")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
+    if tail_samples and (sink_tokens or local_window):
+        raise ValueError("tail samples do not combine with sink_tokens or local_window.")
     g = hq // hkv
     if attention_mask is not None:
         if attention_mask.dtype != torch.bool:
@@ -390,6 +428,7 @@ def topk_attention(
             float(dropout),
             chunk_size,
             generator,
+            tail_samples,
         )
     out = out.view(b, hq, lq, -1).to(query.dtype)  # (B, Hkv, G, Lq, Dv) -> (B, Hq, Lq, Dv)
     if not return_weights:
