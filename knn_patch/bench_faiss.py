@@ -119,14 +119,20 @@ def real_recall(
     n: int = 4096, layers: tuple[int, ...] = (3, 10), k: int = 32, options: dict | None = None
 ) -> dict:
     """Recall@k of ivf and hnsw (default settings unless `options`) on post-RoPE queries/keys of the
-    embedded default's `layers` over the first n tokens of the longest of the first 40 bundled speeches."""
+    embedded default's `layers` over the first n tokens of the longest of the first 40 bundled
+    speeches, or of the longest speech of all when that one is shorter than n tokens."""
     from .activations import capture_activations
     from .assets import bundled_corpus_dir
     from .loading import load_default
 
     model, tokenizer = load_default()
-    path = max(sorted(bundled_corpus_dir().glob("*.txt"))[:40], key=lambda p: p.stat().st_size)
-    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :n]
+    speeches = sorted(bundled_corpus_dir().glob("*.txt"))
+    path = max(speeches[:40], key=lambda p: p.stat().st_size)
+    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids
+    if ids.shape[1] < n:
+        path = max(speeches, key=lambda p: p.stat().st_size)
+        ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids
+    ids = ids[:, :n]
     model.model.layers = model.model.layers[: max(layers) + 1]  # later layers do not change these
     captured = capture_activations(model.model, ids, layers)
     out = {"document": path.name, "tokens": ids.shape[1], "k": k, "recall": {}}
@@ -275,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--methods", nargs="+", default=list(GROWTH_METHODS), choices=GROWTH_METHODS)
     p.add_argument("--index", default="ivf", help="decode: faiss index type")
+    p.add_argument("--tokens", type=int, default=4096, help="recall: tokens of real text")
+    p.add_argument("--nlist", type=int, default=None, help="recall: IVF lists (default ceil(sqrt(n)))")
+    p.add_argument("--nprobe", type=int, default=None, help="recall: IVF lists probed (default 16)")
     p.add_argument("--repeats", type=int, default=1, help="growth: timed runs per point (median)")
     p.add_argument("--steps", type=int, default=8, help="decode: timed steps (median)")
     p.add_argument("--seed", type=int, default=0)
@@ -302,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         _print_decode(result)
     else:
-        result = real_recall(k=args.k)
+        ivf = {name: getattr(args, name) for name in ("nlist", "nprobe") if getattr(args, name) is not None}
+        result = real_recall(args.tokens, k=args.k, options=ivf)
         print(result)
     result.update(args=vars(args), machine=machine_info())
     path = write_json_atomic(out / f"{args.what}.json", result)
