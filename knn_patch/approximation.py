@@ -53,12 +53,16 @@ def estimate(
     raise ValueError(f"unknown estimator {method!r}; use one of {ESTIMATORS}")
 
 
-def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
-    """Dense causal softmax attention, (B, Hq, L, D) layout."""
+def exact(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, softcap: float | None = None
+) -> torch.Tensor:
+    """Dense causal softmax attention, (B, Hq, L, D) layout: the reference of every estimator."""
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
     m = group_mask(mask, hq, hkv, lq, k.shape[2])
-    out = exact_attention(q.view(b, hkv, hq // hkv, lq, d), k, v, m, causal=True, scale=d**-0.5)
+    out = exact_attention(
+        q.view(b, hkv, hq // hkv, lq, d), k, v, m, causal=True, scale=d**-0.5, softcap=softcap
+    )
     return out.reshape(b, hq, lq, -1)
 
 

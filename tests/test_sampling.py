@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from knn_patch.kernels.sampling import lazy_gumbel_sample, median_of_means, tail_sample, tail_select
+from knn_patch.kernels.sampling import lazy_gumbel_sample, median_of_means, rest_mask, tail_sample
 
 
 def chi_square_pvalue(draws: torch.Tensor, probs: torch.Tensor) -> float:
@@ -64,16 +64,21 @@ def test_lazy_gumbel_is_reproducible_with_a_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_tail_select_keeps_topk_and_a_uniform_distinct_sample_with_inverse_weights():
+def masked_tail_sample(s: torch.Tensor, k: int, m: int, rows: int, generator=None):
+    """`tail_sample` through its mask path (as the kernel runs it under a padding mask) for `rows`
+    copies of the score row s (L,): (top-k indices (k,), sampled keys and log-weights (rows, m))."""
+    top = s.topk(k).indices.expand(rows, -1)
+    rest = rest_mask(s.expand(rows, -1), top)
+    return top[0], *tail_sample(top, m, generator, rest=rest)
+
+
+def test_tail_sample_under_a_mask_is_a_uniform_distinct_sample_with_inverse_weights():
     s = scores(n=30, masked=(25, 30), spread=1.0)
     rows = 4000
-    idx, logw = tail_select(s.expand(rows, -1).contiguous(), 5, 4, torch.Generator().manual_seed(0))
-    top = set(s.topk(5).indices.tolist())
-    assert all(set(r[:5].tolist()) == top for r in idx[:10])
-    assert (logw[:, :5] == 0).all()
-    torch.testing.assert_close(logw[:, 5:], torch.full((rows, 4), math.log(20 / 4)))
-    sample = idx[:, 5:]
+    top, sample, logw = masked_tail_sample(s, 5, 4, rows, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logw, torch.full((rows, 4), math.log(20 / 4), dtype=torch.float64))
     assert all(len(set(r.tolist())) == 4 for r in sample[:200]), "distinct within a row"
+    top = set(top.tolist())
     assert not any(j in top or j >= 25 for j in sample.flatten().tolist()), "only visible tail keys"
     rest = torch.tensor(sorted(set(range(25)) - top))
     probs = torch.zeros(30)
@@ -81,11 +86,11 @@ def test_tail_select_keeps_topk_and_a_uniform_distinct_sample_with_inverse_weigh
     assert chi_square_pvalue(sample, probs) > 1e-3  # each tail key equally likely
 
 
-def test_tail_select_takes_the_whole_tail_when_m_covers_it():
+def test_tail_sample_under_a_mask_takes_the_whole_tail_when_m_covers_it():
     s = scores(n=30, masked=(25, 30))
-    idx, logw = tail_select(s.unsqueeze(0), 5, 100)
-    kept = idx[0][torch.isfinite(logw[0])]
-    assert sorted(kept.tolist()) == list(range(25))
+    top, sample, logw = masked_tail_sample(s, 5, 100, 1)
+    kept = sample[0][torch.isfinite(logw[0])]
+    assert sorted(kept.tolist()) == sorted(set(range(25)) - set(top.tolist()))
     assert (logw[0][torch.isfinite(logw[0])] == 0).all(), "weight n_rest / m = 1"
 
 

@@ -11,20 +11,10 @@ from tiny_models import tiny_model
 
 import knn_patch
 from knn_patch import KNNConfig
-from knn_patch.kernels.sampling import exact_attention, group_mask, masked_scores, tail_select
+from knn_patch.approximation import exact
+from knn_patch.kernels.sampling import masked_scores, rest_mask, tail_sample
 from knn_patch.kernels.tail import tail_attention
 from knn_patch.kernels.topk import topk_attention
-
-
-def exact(q, k, v, mask=None, softcap=None):
-    """Dense softmax attention in the (B, Hq, Lq, D) layout (bottom-right causal when mask is None)."""
-    b, hq, lq, d = q.shape
-    hkv = k.shape[1]
-    m = group_mask(mask, hq, hkv, lq, k.shape[2])
-    out = exact_attention(
-        q.view(b, hkv, hq // hkv, lq, d), k, v, m, causal=True, scale=d**-0.5, softcap=softcap
-    )
-    return out.reshape(b, hq, lq, -1)
 
 
 def gen(seed=0):
@@ -80,7 +70,9 @@ def test_weighted_sums_are_unbiased_and_the_output_converges():
     s = masked_scores(q.detach().view(1, 1, 1, 1, -1), k.detach(), None, q0=0, q1=1, causal=False, scale=0.35)
     s = s.reshape(1, -1)
     draws = 4000
-    idx, logw = tail_select(s.expand(draws, -1).contiguous(), 10, 20, gen())
+    top = s[0].topk(10).indices.expand(draws, -1)
+    sample, logw = tail_sample(top, 20, gen(), rest=rest_mask(s.expand(draws, -1), top))
+    idx, logw = torch.cat([top, sample], -1), torch.cat([torch.zeros(draws, 10, dtype=logw.dtype), logw], -1)
     z = torch.exp(s[0, idx] + logw)  # (draws, 30): weighted exp-scores of the kept keys
     v0 = v[0, 0, :, 0].detach()  # one value coordinate
     for est, truth in [

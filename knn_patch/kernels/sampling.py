@@ -188,19 +188,6 @@ def tail_sample(
     return pos.masked_fill(~used, 0), torch.where(used, logw, -math.inf)
 
 
-def tail_select(
-    s: torch.Tensor, k: int, m: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `tail` estimator's keys and log-weights for score rows s (R, L) -> (R, kk + m) each: the
-    top-k keys with weight 1, then `tail_sample`'s. Unused slots hold index 0 and log-weight -inf.
-    (The kernel, `topk_attention` with tail_samples, does the same per chunk.)"""
-    vals, top, rest = _topk_set(s, k)
-    found = torch.isfinite(vals)
-    logw_top = torch.where(found, 0.0, -math.inf).to(s.dtype)
-    samp, logw = tail_sample(top, min(m, s.shape[-1]), generator, rest=rest)
-    return torch.cat([top.masked_fill(~found, 0), samp], -1), torch.cat([logw_top, logw.to(s.dtype)], -1)
-
-
 def _gumbel(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     u = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
     return -torch.log(-torch.log(u.clamp_min(torch.finfo(like.dtype).tiny)))
