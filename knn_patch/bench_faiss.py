@@ -4,12 +4,15 @@
     knn-patch faiss-bench decode --cache 8192 32768
 
 Growth: one layer of SmolLM2's shape (B=1, 9 query heads, 3 KV heads, D=64), causal fp32 forward
-under `no_grad` on random normal q/k/v (fixed seed): faiss (ivf, hnsw) against the exact `topk`
-kernel and SDPA. Each time is the median of `repeats` runs after a warm-up at n=1024; faiss times
-include building the index (it is part of every forward). The growth exponent is the least-squares
-slope of log(time) on log(n). Recall@k of each faiss index is measured on the same inputs
-(`recall_at_k`); random Gaussian keys are a hard case for an index (no cluster structure), so
-recall on real SmolLM2 activations is reported separately (`--real-recall`).
+under `no_grad`: faiss (ivf, hnsw) against the exact `topk` kernel and SDPA. Each time is the
+median of `repeats` runs after a warm-up at n=1024; faiss times include building the index (it is
+part of every forward). The growth exponent is the least-squares slope of log(time) on log(n).
+Recall@k of each faiss index is measured on the same inputs (`recall_at_k`). The inputs are random
+normal q/k/v (fixed seed; `--inputs random`), a hard case for an index (no cluster structure), or
+(`--inputs real`) the embedded default's q/k/v at one layer over the first n tokens of the bundled
+speeches, concatenated: captured once at the largest n (a causal prefix sees the same
+activations), on a dense forward pass that takes minutes at 64k tokens. Positions past 8192
+extrapolate, so these activations are realistic in kind, not the model's trained regime.
 
 Decode: the whole embedded model, its cache filled with `cache` random normal keys/values per
 layer (a real prefill at 32k takes many minutes on CPU, and positions past 8192 extrapolate
@@ -66,6 +69,30 @@ def _inputs(n: int, seed: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(1, h, n, 64, generator=gen) for h in (9, 3, 3))  # q, k, v
 
 
+def corpus_ids(tokenizer, n: int) -> torch.Tensor:
+    """The first n tokens (1, n) of the bundled speeches, concatenated in file order."""
+    from .assets import bundled_corpus_dir
+
+    ids: list[int] = []
+    for path in sorted(bundled_corpus_dir().glob("*.txt")):
+        ids += tokenizer(path.read_text(encoding="utf-8")).input_ids
+        if len(ids) >= n:
+            return torch.tensor([ids[:n]])
+    raise ValueError(f"The bundled speeches hold only {len(ids)} tokens, fewer than the {n} asked for.")
+
+
+def real_inputs(n: int, layer: int = 3) -> tuple[torch.Tensor, ...]:
+    """q (1, 9, n, 64), k and v (1, 3, n, 64): the embedded default's post-RoPE activations at
+    `layer` over `corpus_ids(n)`, from a dense forward pass (minutes on CPU at 64k tokens)."""
+    from .activations import capture_activations
+    from .loading import load_default
+
+    model, tokenizer = load_default()
+    model.model.layers = model.model.layers[: layer + 1]  # later layers do not change this one
+    act = capture_activations(model.model, corpus_ids(tokenizer, n), [layer])[layer]
+    return act["q"], act["k"], act["v"]
+
+
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -84,19 +111,27 @@ def run_growth(
     repeats: int = 1,
     recall_queries: int = 256,
     seed: int = 0,
+    inputs: tuple[torch.Tensor, ...] | None = None,
     progress: bool = True,
 ) -> dict:
-    """{"rows": [{"n", "times": {method: s}, "recall": {method: r}}], "exponents": {method: slope}}."""
+    """{"rows": [{"n", "times": {method: s}, "recall": {method: r}}], "exponents": {method: slope}}.
+
+    `inputs` (q, k, v) at least max(ns) long are timed on their first n positions; by default
+    random normal ones (`seed`)."""
     from rich.progress import Progress
 
     options = options or {}
     rows = []
+
+    def layer_inputs(n: int) -> tuple[torch.Tensor, ...]:
+        return _inputs(n, seed) if inputs is None else tuple(x[:, :, :n].contiguous() for x in inputs)
+
     with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("growth", total=len(ns) * len(methods))
         for method in methods:  # warm-up: lazy initialisation and the compiled selection
-            _layer_fn(method, k, options)(*_inputs(min(1024, *ns), seed))
+            _layer_fn(method, k, options)(*layer_inputs(min(1024, *ns)))
         for n in ns:
-            q, kk, v = _inputs(n, seed)
+            q, kk, v = layer_inputs(n)
             row: dict = {"n": n, "times": {}, "recall": {}}
             for method in methods:
                 bar.update(task, description=f"n={n} {method}")
@@ -242,7 +277,8 @@ def _print_growth(result: dict) -> None:
     from rich.table import Table
 
     methods = list(result["exponents"])
-    table = Table(title="Full-sequence forward, one layer, causal fp32 (s); recall@k on the same inputs")
+    inputs = result.get("inputs", "random normal")
+    table = Table(title=f"Full-sequence forward, one layer, causal fp32 (s), {inputs} q/k/v, and recall@k")
     for col in ("n", *methods, *(f"recall {m}" for m in methods if m.startswith("faiss"))):
         table.add_column(col, justify="right")
     for r in result["rows"]:
@@ -282,8 +318,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=list(GROWTH_METHODS), choices=GROWTH_METHODS)
     p.add_argument("--index", default="ivf", help="decode: faiss index type")
     p.add_argument("--tokens", type=int, default=4096, help="recall: tokens of real text")
-    p.add_argument("--nlist", type=int, default=None, help="recall: IVF lists (default ceil(sqrt(n)))")
-    p.add_argument("--nprobe", type=int, default=None, help="recall: IVF lists probed (default 16)")
+    p.add_argument(
+        "--inputs", choices=("random", "real"), default="random", help="growth: random or SmolLM2's q/k/v"
+    )
+    p.add_argument("--layer", type=int, default=3, help="growth --inputs real: the layer captured")
+    p.add_argument("--nlist", type=int, default=None, help="growth, recall: IVF lists (default √n)")
+    p.add_argument("--nprobe", type=int, default=None, help="growth, recall: IVF lists probed (default 16)")
     p.add_argument("--repeats", type=int, default=1, help="growth: timed runs per point (median)")
     p.add_argument("--steps", type=int, default=8, help="decode: timed steps (median)")
     p.add_argument("--seed", type=int, default=0)
@@ -299,10 +339,19 @@ def main(argv: list[str] | None = None) -> None:
         faiss_module().omp_set_num_threads(args.faiss_threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    ivf = {name: getattr(args, name) for name in ("nlist", "nprobe") if getattr(args, name) is not None}
     if args.what == "growth":
+        inputs = real_inputs(max(args.n), args.layer) if args.inputs == "real" else None
         result = run_growth(
-            args.n, k=args.k, methods=tuple(args.methods), repeats=args.repeats, seed=args.seed
+            args.n,
+            k=args.k,
+            methods=tuple(args.methods),
+            options=ivf,
+            repeats=args.repeats,
+            seed=args.seed,
+            inputs=inputs,
         )
+        result["inputs"] = f"SmolLM2 layer {args.layer}" if inputs is not None else "random normal"
         _print_growth(result)
         _plot_growth(result, out / "growth.png")
     elif args.what == "decode":
@@ -311,7 +360,6 @@ def main(argv: list[str] | None = None) -> None:
         )
         _print_decode(result)
     else:
-        ivf = {name: getattr(args, name) for name in ("nlist", "nprobe") if getattr(args, name) is not None}
         result = real_recall(args.tokens, k=args.k, options=ivf)
         print(result)
     result.update(args=vars(args), machine=machine_info())

@@ -12,6 +12,7 @@ from knn_patch import KNNConfig
 from knn_patch.activations import capture_activations
 from knn_patch.kernels import index as index_module
 from knn_patch.kernels import retrieval as retrieval_module
+from knn_patch.kernels import select as select_module
 from knn_patch.kernels.index import resolve_nlist, validate_index_options
 from knn_patch.kernels.retrieval import recall_at_k, retrieval_attention
 from knn_patch.kernels.topk import topk_attention
@@ -121,6 +122,69 @@ def test_approximate_indexes_give_finite_outputs_that_follow_top_k(index):
     out = retrieval_attention(q, k, k, k=8, options=opts)[0]
     assert torch.isfinite(out).all()
     assert recall_at_k(q, k, k=8, options=opts, n_queries=64) >= 0.8
+
+
+def filled_index(kind, n=2000, d=16, nlist=8, nprobe=3):
+    """A KeyIndex of n seeded random keys; ivf with `nlist` lists (trained once 39 * nlist are in)."""
+    torch.manual_seed(0)
+    keys = torch.randn(n, d)
+    options = validate_index_options({"index": kind, "nlist": nlist, "nprobe": nprobe})
+    index = index_module.KeyIndex(d, options=options, n_hint=n, norm_hint=1.0, device=torch.device("cpu"))
+    for chunk in keys.split(300):  # grown in several adds, as the backend grows it
+        index.add(chunk)
+    return index
+
+
+@pytest.mark.parametrize(("kind", "k", "nprobe"), [("flat", 10, 3), ("ivf", 10, 3), ("ivf", 500, 2)])
+def test_compiled_search_equals_faiss_search(kind, k, nprobe):
+    """The compiled flat and grouped IVF searches return faiss's own results: the same keys and
+    scores (k=500 exceeds what some queries' 2 probed lists hold: the same -1 slots)."""
+    index = filled_index(kind, nprobe=nprobe)
+    x = torch.randn(300, 16)  # 300 queries * 2 probes >= 8 per list * 8 lists: the grouped IVF path
+    assert index.trained
+    mine = index._compiled_search(x, k)
+    assert mine is not None
+    dist, ids = index.index.search(x.numpy(), k)
+    order = mine[1].sort(-1).values
+    torch.testing.assert_close(order, torch.from_numpy(ids).sort(-1).values, rtol=0, atol=0)
+    found = order >= 0
+    if k == 500:
+        assert not found.all() and found.any(-1).all()
+    # faiss fills empty slots with -FLT_MAX, the compiled search with -inf (`search` maps both to -inf)
+    filled = torch.arange(k) < found.sum(-1, keepdim=True)  # the slots holding a key, best first
+    theirs = torch.from_numpy(dist).sort(-1, descending=True).values
+    torch.testing.assert_close(mine[0].sort(-1, descending=True).values[filled], theirs[filled])
+
+
+def test_without_the_compiled_extension_ivf_searches_by_faiss_and_flat_by_torch(monkeypatch):
+    monkeypatch.setattr(select_module, "_extension", lambda: None)
+    x = torch.randn(300, 16)
+    assert filled_index("ivf")._compiled_search(x, 10) is None
+    flat = filled_index("flat")
+    ids = flat._compiled_search(x, 10)[1].sort(-1).values
+    torch.testing.assert_close(ids, torch.from_numpy(flat.index.search(x.numpy(), 10)[1]).sort(-1).values)
+
+
+def test_compiled_search_leaves_few_queries_per_list_to_faiss():
+    """A decode step's queries would leave each IVF list almost empty of queries: faiss searches."""
+    assert filled_index("ivf")._compiled_search(torch.randn(3, 16), 10) is None
+
+
+def test_grouped_ivf_search_gives_the_faiss_search_result_in_the_kernel(monkeypatch):
+    """A full-sequence forward through a trained IVF: the compiled search serves it, and replacing
+    it by faiss's search changes nothing."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 1200, 16), torch.randn(1, 2, 1200, 16)
+    opts = validate_index_options({"index": "ivf", "block_size": 128, "nlist": 8, "nprobe": 3})
+    calls = []
+    grouped = index_module.ivf_topk
+    monkeypatch.setattr(index_module, "ivf_topk", lambda *a: calls.append(1) or grouped(*a))
+    with torch.no_grad():
+        out = retrieval_attention(q, k, k, k=8, options=opts)[0]
+        assert calls, "the grouped IVF search was not used"
+        monkeypatch.setattr(index_module.KeyIndex, "_compiled_search", lambda self, x, k: None)
+        reference = retrieval_attention(q, k, k, k=8, options=opts)[0]
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

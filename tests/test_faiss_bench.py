@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from knn_patch.bench_faiss import fit_exponent, run_decode, run_growth
+from knn_patch.bench_faiss import fit_exponent, real_inputs, run_decode, run_growth
 
 pytest.importorskip("faiss")
 
@@ -28,11 +28,30 @@ def test_growth_rows_hold_times_recall_and_exponents():
         recall_queries=32,
         progress=False,
     )
-    assert [r["n"] for r in result["rows"]] == [1024, 2048]
+    assert [r["n"] for r in result["rows"]] == [1024, 3072]
     for row in result["rows"]:
         assert row["times"].keys() == {"sdpa", "faiss-hnsw"} and all(t > 0 for t in row["times"].values())
         assert 0.0 <= row["recall"]["faiss-hnsw"] <= 1.0
     assert all(math.isfinite(s) for s in result["exponents"].values())
+
+
+@pytest.mark.slow
+def test_growth_on_real_activations_times_prefixes_of_one_capture():
+    inputs = real_inputs(3100, layer=1)
+    assert [x.shape for x in inputs] == [(1, 9, 3100, 64), (1, 3, 3100, 64), (1, 3, 3100, 64)]
+    result = run_growth(
+        [1024, 3072],
+        methods=("topk", "faiss-ivf"),
+        options={"block_size": 256},
+        inputs=inputs,
+        progress=False,
+    )
+    assert [r["n"] for r in result["rows"]] == [1024, 3072]
+    assert all(t > 0 for r in result["rows"] for t in r["times"].values())
+    # 1024 keys never train the ivf (26 lists need 39 keys each before a block); 3072 do, and on
+    # real activations its recall is high (random keys at this size: ~0.6)
+    assert result["rows"][0]["recall"]["faiss-ivf"] is None
+    assert result["rows"][1]["recall"]["faiss-ivf"] >= 0.8
 
 
 @pytest.mark.slow

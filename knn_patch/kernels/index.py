@@ -31,11 +31,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .select import ivf_topk, scores_topk
+
 logger = logging.getLogger("knn_patch")
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 TRAIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per IVF list
 NORM_MARGIN = 1.25  # HNSW's L2 reduction radius over the largest key norm seen at creation
+# IVF searches whose lists get at least this many queries each, on average, score every list once
+# for all of them (`KeyIndex._compiled_search`); fewer (decode steps) use faiss's own search.
+GROUPED_MIN_QUERIES = 8
 
 # Default options: nprobe/ef_search chosen for recall@k >= 0.9 on SmolLM2 activations (see tests).
 DEFAULTS: dict[str, Any] = {
@@ -130,6 +135,12 @@ def _warn_cpu_fallback(kind: str) -> None:
     )
 
 
+def _flat_vectors(index) -> torch.Tensor:
+    """The vectors (ntotal, d) of a CPU faiss IndexFlat, without a copy: valid until its next add."""
+    n, d = index.ntotal, index.d
+    return torch.from_numpy(faiss_module().rev_swig_ptr(index.get_xb(), n * d)).view(n, d)
+
+
 class KeyIndex:
     """The keys of one (batch row, KV head): positions in the sequence map to faiss ids.
 
@@ -153,6 +164,7 @@ class KeyIndex:
         self.positions = np.zeros(0, dtype=np.int64)  # faiss id -> sequence position
         self.trained = self.kind != "ivf"
         self.index = self._new(self.kind if self.trained else "flat")
+        self._lists: tuple[torch.Tensor, ...] | None = None  # the lists' pointer tables, until the next add
 
     def _new(self, kind: str):
         faiss = self.faiss
@@ -183,6 +195,7 @@ class KeyIndex:
         if len(pos) == 0:
             return
         self.index.add(self._lift(x, keys=True))
+        self._lists = None  # an add may move a list's storage
         self.positions = np.concatenate([self.positions, pos])
         if not self.trained and self.ntotal >= TRAIN_POINTS_PER_LIST * self.nlist:
             self._train_ivf()
@@ -214,16 +227,51 @@ class KeyIndex:
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.options["ef_search"], k)
         x = queries.detach().to(device="cpu", dtype=torch.float32)
-        dist, ids = self.index.search(self._lift(x, keys=False), k)
+        found = self._compiled_search(x, k)
+        if found is not None:
+            dist, ids = (t.numpy() for t in found)
+        else:
+            dist, ids = self.index.search(self._lift(x, keys=False), k)
         found = ids >= 0
         pos = np.where(found, self.positions[np.maximum(ids, 0)], -1)
         scores = None if self.kind == "hnsw" else torch.from_numpy(np.where(found, dist, -np.inf))
         return torch.from_numpy(pos), scores
 
+    def _compiled_search(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Scores and faiss ids (R, k) of queries x (R, D) by the compiled selection kernels, the
+        same results as `index.search` up to float rounding; None where faiss's search serves:
+        hnsw, GPU indexes, and IVF lists that would get under `GROUPED_MIN_QUERIES` queries each.
+
+        A flat index's vectors are scored like the `topk` backend's keys (`scores_topk`; faiss's
+        flat search took ~2x longer per block here). An IVF index picks each query's lists the
+        same way from its centroids, then scores each list once for all the queries probing it
+        (`ivf_topk`); faiss's IVF search scans every query's lists on their own."""
+        if self.gpu is not None or self.kind == "hnsw":
+            return None
+        if self.kind == "flat" or not self.trained:
+            vals, ids = scores_topk(x[None], _flat_vectors(self.index)[None], k)
+            return vals, torch.where(vals > -math.inf, ids, -1)
+        nprobe = self.index.nprobe
+        if x.shape[0] * nprobe < GROUPED_MIN_QUERIES * self.nlist:
+            return None
+        if self._lists is None:
+            inv, lists = self.index.invlists, range(self.nlist)
+            self._lists = tuple(
+                torch.tensor(v, dtype=torch.int64)
+                for v in (
+                    [int(inv.get_codes(i)) for i in lists],  # (size, D) float32, as IndexIVFFlat stores them
+                    [int(inv.get_ids(i)) for i in lists],
+                    [inv.list_size(i) for i in lists],
+                )
+            )
+        _, probes = scores_topk(x[None], _flat_vectors(self._quantizer)[None], nprobe)
+        return ivf_topk(x, probes, self._lists, k)
+
     def clone(self) -> KeyIndex:
         """An independent copy (beam search may keep one row twice)."""
         other = object.__new__(KeyIndex)
         other.__dict__.update(self.__dict__)
+        other._lists = None  # they point into this index's lists
         other.positions = self.positions.copy()
         if self.gpu is None:
             other.index = self.faiss.clone_index(self.index)

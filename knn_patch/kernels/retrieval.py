@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .index import TRAIN_POINTS_PER_LIST, KeyIndexes, resolve_nlist
+from .select import topk_rows
 
 
 def _row_table(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -218,7 +219,7 @@ def retrieval_attention(
             if forced is not None:
                 explicit.masked_fill_(forced, math.inf)
             take = min(width, ranked.shape[-1])
-            sel, idx = ranked.topk(take, dim=-1)  # (B, Hkv, G*C, take)
+            sel, idx = (t.view(*ranked.shape[:-1], take) for t in topk_rows(ranked.flatten(0, -2), take))
             is_forced = sel == math.inf
             keep = (sel > -math.inf) & (is_forced | ((~is_forced).cumsum(-1) <= k))
 

@@ -21,6 +21,7 @@
 #include <limits>
 #include <utility>
 #include <vector>
+#include <memory>
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -30,8 +31,7 @@ namespace {
 
 using Entry = std::pair<float, int64_t>;
 
-// "a ranks above b": larger score, or equal score and lower index. Used as the heap's "less",
-// the std heap functions keep the lowest-ranked entry (the one to evict) at the front.
+// "a ranks above b": larger score, or equal score and lower index; the order of every selection.
 inline bool ranks_above(const Entry& a, const Entry& b) {
   return a.first > b.first || (a.first == b.first && a.second < b.second);
 }
@@ -153,7 +153,98 @@ std::vector<torch::Tensor> scores_topk(torch::Tensor q, torch::Tensor key, int64
   return out;
 }
 
+// The k largest inner products of each query over the inverted lists it probes, in a faiss
+// IndexIVFFlat: the IVF search of many queries at once. faiss's CPU search scans each query's
+// lists on their own, one inner product at a time; attention sends hundreds of queries to each
+// list, so here each list is scored once for all the queries probing it, by small GEMMs whose
+// rows are copied into each query's row of scores, and each row is then selected by select_row.
+//   q (R, D) float32; probes (R, P) int64 list numbers, -1 for none; codes, ids, sizes (nlist,)
+//   int64: each list's vectors (a float32 (size, D) array), ids (int64) and size, read from the
+//   index's ArrayInvertedLists, and valid until the index is next added to.
+// Returns values (R, k) and ids (R, k), in no particular order, (-inf, -1) in unfilled slots.
+std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch::Tensor codes, torch::Tensor ids,
+                                    torch::Tensor sizes, int64_t k) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kFloat32,
+              "q must be a contiguous (R, D) float32 tensor");
+  TORCH_CHECK(probes.dim() == 2 && probes.size(0) == q.size(0) && probes.is_contiguous() &&
+                  probes.scalar_type() == torch::kInt64,
+              "probes must be a contiguous (R, P) int64 tensor");
+  const int64_t rows = q.size(0), dim = q.size(1), nprobe = probes.size(1), nlist = sizes.numel();
+  auto out_v = torch::full({rows, k}, -std::numeric_limits<float>::infinity(), q.options());
+  auto out_i = torch::full({rows, k}, -1, q.options().dtype(torch::kInt64));
+  const float* qp = q.data_ptr<float>();
+  const int64_t* pr = probes.data_ptr<int64_t>();
+  const int64_t* code_ptr = codes.data_ptr<int64_t>();
+  const int64_t* id_ptr = ids.data_ptr<int64_t>();
+  const int64_t* size = sizes.data_ptr<int64_t>();
+  float* ov = out_v.data_ptr<float>();
+  int64_t* oi = out_i.data_ptr<int64_t>();
+  auto list_size = [&](int64_t l) { return l >= 0 ? size[l] : int64_t{0}; };
+  constexpr int64_t kRowTile = 128, kColTile = 512;
+  // Threads take disjoint query chunks; a chunk holds enough queries that every list it probes
+  // is scored by one GEMM of many rows.
+  const int64_t chunk = std::max<int64_t>(256, (rows + at::get_num_threads() - 1) / at::get_num_threads());
+  at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+    at::NoGradGuard no_grad;
+    Workspace ws;
+    std::vector<float> qbuf(kRowTile * dim), sbuf(kRowTile * kColTile);
+    // the chunk's rows of scores: kept across calls, uninitialised (every read column is written)
+    thread_local std::unique_ptr<float[]> scores_buf;
+    thread_local int64_t scores_cap = 0;
+    std::vector<int64_t> col_ids;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = c * chunk, r1 = std::min(rows, r0 + chunk), pairs = (r1 - r0) * nprobe;
+      // pair (r, p) fills columns col[pair] .. + size of its list, in row r's stretch of `scores`
+      std::vector<int64_t> col(pairs + 1, 0), start(nlist + 1, 0), by_list(pairs);
+      for (int64_t a = 0; a < pairs; ++a) {
+        const int64_t l = pr[r0 * nprobe + a];
+        col[a + 1] = col[a] + list_size(l);
+        if (l >= 0) ++start[l + 1];
+      }
+      for (int64_t l = 0; l < nlist; ++l) start[l + 1] += start[l];
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (int64_t a = 0; a < pairs; ++a) {
+        const int64_t l = pr[r0 * nprobe + a];
+        if (l >= 0) by_list[fill[l]++] = a;
+      }
+      if (scores_cap < col[pairs]) {
+        scores_buf.reset(new float[col[pairs]]);
+        scores_cap = col[pairs];
+      }
+      float* scores = scores_buf.get();
+      for (int64_t l = 0; l < nlist; ++l) {
+        const int64_t n = size[l];
+        auto* keys = reinterpret_cast<float*>(code_ptr[l]);
+        for (int64_t a = start[l]; a < start[l + 1] && n > 0; a += kRowTile) {
+          const int64_t m = std::min(kRowTile, start[l + 1] - a);
+          for (int64_t i = 0; i < m; ++i)
+            std::copy_n(qp + (r0 + by_list[a + i] / nprobe) * dim, dim, qbuf.data() + i * dim);
+          auto qt = torch::from_blob(qbuf.data(), {m, dim}, q.options());
+          for (int64_t j0 = 0; j0 < n; j0 += kColTile) {
+            const int64_t w = std::min(kColTile, n - j0);
+            auto s = torch::from_blob(sbuf.data(), {m, w}, q.options());
+            at::mm_out(s, qt, torch::from_blob(keys + j0 * dim, {w, dim}, q.options()).t());
+            for (int64_t i = 0; i < m; ++i) std::copy_n(sbuf.data() + i * w, w, scores + col[by_list[a + i]] + j0);
+          }
+        }
+      }
+      col_ids.resize(k);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t* pc = col.data() + (r - r0) * nprobe;  // the row's pair columns, pc[0] .. pc[nprobe]
+        select_row(scores + pc[0], pc[nprobe] - pc[0], k, ov + r * k, col_ids.data(), ws, false);
+        for (int64_t t = 0; t < k && ov[r * k + t] != -std::numeric_limits<float>::infinity(); ++t) {
+          const int64_t at_col = pc[0] + col_ids[t];
+          const int64_t p = std::upper_bound(pc, pc + nprobe + 1, at_col) - pc - 1;
+          oi[r * k + t] = reinterpret_cast<const int64_t*>(id_ptr[pr[r * nprobe + p]])[at_col - pc[p]];
+        }
+      }
+    }
+  });
+  return {out_v, out_i};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_rows", &topk_rows, "Exact per-row top-k of a float32 score block");
   m.def("scores_topk", &scores_topk, "Exact top-k of q @ key^T per row, scores kept in cache");
+  m.def("ivf_topk", &ivf_topk, "Top-k inner products over probed IVF lists, grouped by list");
 }

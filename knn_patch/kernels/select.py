@@ -92,3 +92,16 @@ def scores_topk(
         return ext.scores_topk(query.detach().contiguous(), key.detach(), k, ends)
     scores = torch.matmul(query, key.transpose(-1, -2))
     return topk_rows(scores.reshape(-1, scores.shape[-1]), k, row_end)
+
+
+def ivf_topk(
+    query: torch.Tensor, probes: torch.Tensor, lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Top-k inner products (values, faiss ids), each (R, k), of queries (R, D) over the IVF lists
+    `probes` (R, P) names, every list scored once for all the queries probing it; `lists` holds
+    the (nlist,) int64 tables of each list's vector pointer, id pointer and size (`KeyIndex`).
+    None without the compiled extension: the caller then uses faiss's own search."""
+    ext = _extension()
+    if ext is None:
+        return None
+    return ext.ivf_topk(query.contiguous(), probes.contiguous(), *lists, k)
