@@ -243,9 +243,9 @@ class KeyIndex:
         hnsw, GPU indexes, and IVF lists that would get under `GROUPED_MIN_QUERIES` queries each.
 
         A flat index's vectors are scored like the `topk` backend's keys (`scores_topk`; faiss's
-        flat search took ~2x longer per block here). An IVF index picks each query's lists the
-        same way from its centroids, then scores each list once for all the queries probing it
-        (`ivf_topk`); faiss's IVF search scans every query's lists on their own."""
+        flat search took ~3.5x longer in the 32k growth benchmark). An IVF index picks each
+        query's lists the same way from its centroids, then scores each list once for all the
+        queries probing it (`ivf_topk`); faiss's IVF search scans every query's lists on their own."""
         if self.gpu is not None or self.kind == "hnsw":
             return None
         if self.kind == "flat" or not self.trained:

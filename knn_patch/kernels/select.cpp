@@ -21,7 +21,6 @@
 #include <limits>
 #include <utility>
 #include <vector>
-#include <memory>
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -156,11 +155,18 @@ std::vector<torch::Tensor> scores_topk(torch::Tensor q, torch::Tensor key, int64
 // The k largest inner products of each query over the inverted lists it probes, in a faiss
 // IndexIVFFlat: the IVF search of many queries at once. faiss's CPU search scans each query's
 // lists on their own, one inner product at a time; attention sends hundreds of queries to each
-// list, so here each list is scored once for all the queries probing it, by small GEMMs whose
-// rows are copied into each query's row of scores, and each row is then selected by select_row.
-//   q (R, D) float32; probes (R, P) int64 list numbers, -1 for none; codes, ids, sizes (nlist,)
-//   int64: each list's vectors (a float32 (size, D) array), ids (int64) and size, read from the
-//   index's ArrayInvertedLists, and valid until the index is next added to.
+// list, so here each list is scored once for all the queries probing it, by small GEMMs (with the
+// probes picked in torch: 2.5x faster than faiss's search at 64k random keys, 1536 queries and
+// nprobe 16; 4.5x at nprobe 64). Two passes:
+//   1. each query's first probes (the best-scored centroids, ceil(P / 8) of them): their scores
+//      are copied into a row per query and selected (select_row): the k best so far, and the
+//      k-th of them as the query's bar;
+//   2. the other probes: only scores above the bar are kept (four are tested at once), and the
+//      bar rises whenever the kept ones are cut back to the best k. The first lists hold most of
+//      a query's top keys, so few scores pass.
+//   q (R, D) float32; probes (R, P) int64 list numbers, best first, -1 for none; codes, ids,
+//   sizes (nlist,) int64: each list's vectors (a float32 (size, D) array), ids (int64) and size,
+//   read from the index's ArrayInvertedLists, and valid until the index is next added to.
 // Returns values (R, k) and ids (R, k), in no particular order, (-inf, -1) in unfilled slots.
 std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch::Tensor codes, torch::Tensor ids,
                                     torch::Tensor sizes, int64_t k) {
@@ -170,6 +176,7 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch
                   probes.scalar_type() == torch::kInt64,
               "probes must be a contiguous (R, P) int64 tensor");
   const int64_t rows = q.size(0), dim = q.size(1), nprobe = probes.size(1), nlist = sizes.numel();
+  const int64_t first = (nprobe + 7) / 8;  // probes of pass 1
   auto out_v = torch::full({rows, k}, -std::numeric_limits<float>::infinity(), q.options());
   auto out_i = torch::full({rows, k}, -1, q.options().dtype(torch::kInt64));
   const float* qp = q.data_ptr<float>();
@@ -180,62 +187,112 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch
   float* ov = out_v.data_ptr<float>();
   int64_t* oi = out_i.data_ptr<int64_t>();
   auto list_size = [&](int64_t l) { return l >= 0 ? size[l] : int64_t{0}; };
+  auto list_ids = [&](int64_t l) { return reinterpret_cast<const int64_t*>(id_ptr[l]); };
   constexpr int64_t kRowTile = 128, kColTile = 512;
+  const int64_t cap = 16 * k;  // kept entries per query before a cut back to k
   // Threads take disjoint query chunks; a chunk holds enough queries that every list it probes
   // is scored by one GEMM of many rows.
   const int64_t chunk = std::max<int64_t>(256, (rows + at::get_num_threads() - 1) / at::get_num_threads());
   at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
     at::NoGradGuard no_grad;
     Workspace ws;
-    std::vector<float> qbuf(kRowTile * dim), sbuf(kRowTile * kColTile);
-    // the chunk's rows of scores: kept across calls, uninitialised (every read column is written)
-    thread_local std::unique_ptr<float[]> scores_buf;
-    thread_local int64_t scores_cap = 0;
-    std::vector<int64_t> col_ids;
+    std::vector<float> qbuf(kRowTile * dim), sbuf(kRowTile * kColTile), row_scores;
+    std::vector<int64_t> col_ids(k), start(nlist + 1), by_list;
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t r0 = c * chunk, r1 = std::min(rows, r0 + chunk), pairs = (r1 - r0) * nprobe;
-      // pair (r, p) fills columns col[pair] .. + size of its list, in row r's stretch of `scores`
-      std::vector<int64_t> col(pairs + 1, 0), start(nlist + 1, 0), by_list(pairs);
-      for (int64_t a = 0; a < pairs; ++a) {
-        const int64_t l = pr[r0 * nprobe + a];
-        col[a + 1] = col[a] + list_size(l);
-        if (l >= 0) ++start[l + 1];
-      }
-      for (int64_t l = 0; l < nlist; ++l) start[l + 1] += start[l];
-      std::vector<int64_t> fill(start.begin(), start.end() - 1);
-      for (int64_t a = 0; a < pairs; ++a) {
-        const int64_t l = pr[r0 * nprobe + a];
-        if (l >= 0) by_list[fill[l]++] = a;
-      }
-      if (scores_cap < col[pairs]) {
-        scores_buf.reset(new float[col[pairs]]);
-        scores_cap = col[pairs];
-      }
-      float* scores = scores_buf.get();
-      for (int64_t l = 0; l < nlist; ++l) {
-        const int64_t n = size[l];
-        auto* keys = reinterpret_cast<float*>(code_ptr[l]);
-        for (int64_t a = start[l]; a < start[l + 1] && n > 0; a += kRowTile) {
-          const int64_t m = std::min(kRowTile, start[l + 1] - a);
-          for (int64_t i = 0; i < m; ++i)
-            std::copy_n(qp + (r0 + by_list[a + i] / nprobe) * dim, dim, qbuf.data() + i * dim);
-          auto qt = torch::from_blob(qbuf.data(), {m, dim}, q.options());
-          for (int64_t j0 = 0; j0 < n; j0 += kColTile) {
-            const int64_t w = std::min(kColTile, n - j0);
-            auto s = torch::from_blob(sbuf.data(), {m, w}, q.options());
-            at::mm_out(s, qt, torch::from_blob(keys + j0 * dim, {w, dim}, q.options()).t());
-            for (int64_t i = 0; i < m; ++i) std::copy_n(sbuf.data() + i * w, w, scores + col[by_list[a + i]] + j0);
+      const int64_t r0 = c * chunk, r1 = std::min(rows, r0 + chunk), nr = r1 - r0;
+      const int64_t* cp = pr + r0 * nprobe;  // the chunk's probes; pair a = (r - r0) * nprobe + p
+      // Score every pair (r, p) with p in [p0, p1), list by list; on_row(a, scores, w, j0) gets
+      // the scores of pair a's list keys j0 .. j0 + w - 1.
+      auto score_pairs = [&](int64_t p0, int64_t p1, auto&& on_row) {
+        std::fill(start.begin(), start.end(), 0);
+        by_list.resize(nr * (p1 - p0));
+        for (int64_t r = 0; r < nr; ++r)
+          for (int64_t p = p0; p < p1; ++p)
+            if (cp[r * nprobe + p] >= 0) ++start[cp[r * nprobe + p] + 1];
+        for (int64_t l = 0; l < nlist; ++l) start[l + 1] += start[l];
+        std::vector<int64_t> fill(start.begin(), start.end() - 1);
+        for (int64_t r = 0; r < nr; ++r)
+          for (int64_t p = p0; p < p1; ++p)
+            if (cp[r * nprobe + p] >= 0) by_list[fill[cp[r * nprobe + p]]++] = r * nprobe + p;
+        for (int64_t l = 0; l < nlist; ++l) {
+          const int64_t n = size[l];
+          auto* keys = reinterpret_cast<float*>(code_ptr[l]);
+          for (int64_t a = start[l]; a < start[l + 1] && n > 0; a += kRowTile) {
+            const int64_t m = std::min(kRowTile, start[l + 1] - a);
+            for (int64_t i = 0; i < m; ++i)
+              std::copy_n(qp + (r0 + by_list[a + i] / nprobe) * dim, dim, qbuf.data() + i * dim);
+            auto qt = torch::from_blob(qbuf.data(), {m, dim}, q.options());
+            for (int64_t j0 = 0; j0 < n; j0 += kColTile) {
+              const int64_t w = std::min(kColTile, n - j0);
+              auto s = torch::from_blob(sbuf.data(), {m, w}, q.options());
+              at::mm_out(s, qt, torch::from_blob(keys + j0 * dim, {w, dim}, q.options()).t());
+              for (int64_t i = 0; i < m; ++i) on_row(by_list[a + i], sbuf.data() + i * w, w, j0);
+            }
           }
         }
+      };
+
+      // pass 1: row r's first probes fill columns col[r * (first + 1) + p] onwards of row_scores
+      std::vector<int64_t> col(nr * (first + 1) + 1, 0);
+      for (int64_t r = 0, at = 0; r < nr; ++r) {
+        for (int64_t p = 0; p <= first; ++p) {
+          col[r * (first + 1) + p] = at;
+          if (p < first) at += list_size(cp[r * nprobe + p]);
+        }
+        col[nr * (first + 1)] = at;
       }
-      col_ids.resize(k);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t* pc = col.data() + (r - r0) * nprobe;  // the row's pair columns, pc[0] .. pc[nprobe]
-        select_row(scores + pc[0], pc[nprobe] - pc[0], k, ov + r * k, col_ids.data(), ws, false);
-        for (int64_t t = 0; t < k && ov[r * k + t] != -std::numeric_limits<float>::infinity(); ++t) {
-          const int64_t at_col = pc[0] + col_ids[t];
-          const int64_t p = std::upper_bound(pc, pc + nprobe + 1, at_col) - pc - 1;
-          oi[r * k + t] = reinterpret_cast<const int64_t*>(id_ptr[pr[r * nprobe + p]])[at_col - pc[p]];
+      row_scores.resize(col[nr * (first + 1)]);
+      score_pairs(0, first, [&](int64_t a, const float* s, int64_t w, int64_t j0) {
+        std::copy_n(s, w, row_scores.data() + col[(a / nprobe) * (first + 1) + a % nprobe] + j0);
+      });
+      std::vector<std::vector<Entry>> kept(nr);
+      std::vector<float> bar(nr, -std::numeric_limits<float>::infinity());
+      std::vector<float> vals(k);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t* pc = col.data() + r * (first + 1);  // pc[0] .. pc[first]: the row's stretch
+        std::fill(vals.begin(), vals.end(), -std::numeric_limits<float>::infinity());
+        select_row(row_scores.data() + pc[0], pc[first] - pc[0], k, vals.data(), col_ids.data(), ws, false);
+        for (int64_t t = 0; t < k && vals[t] != -std::numeric_limits<float>::infinity(); ++t) {
+          const int64_t at = pc[0] + col_ids[t];
+          const int64_t p = std::upper_bound(pc, pc + first + 1, at) - pc - 1;
+          kept[r].emplace_back(vals[t], list_ids(cp[r * nprobe + p])[at - pc[p]]);
+        }
+        if (static_cast<int64_t>(kept[r].size()) == k)
+          bar[r] = std::min_element(kept[r].begin(), kept[r].end())->first;
+      }
+
+      // pass 2: the other probes, scores above the bar only
+      score_pairs(first, nprobe, [&](int64_t a, const float* s, int64_t w, int64_t j0) {
+        const int64_t r = a / nprobe;
+        const int64_t* key_ids = list_ids(cp[a]) + j0;
+        std::vector<Entry>& mine = kept[r];
+        float& b = bar[r];
+        int64_t j = 0;
+        auto offer = [&](int64_t jj) {
+          if (!(s[jj] > b)) return;
+          mine.emplace_back(s[jj], key_ids[jj]);
+          if (static_cast<int64_t>(mine.size()) == cap) {  // keep the k best; the k-th is the new bar
+            std::nth_element(mine.begin(), mine.begin() + (k - 1), mine.end(), ranks_above);
+            mine.resize(k);
+            b = mine[k - 1].first;
+          }
+        };
+#if defined(__SSE2__)
+        for (; j + 4 <= w; j += 4) {
+          if (_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(s + j), _mm_set1_ps(b))) == 0) continue;
+          for (int64_t t = j; t < j + 4; ++t) offer(t);
+        }
+#endif
+        for (; j < w; ++j) offer(j);
+      });
+      for (int64_t r = 0; r < nr; ++r) {
+        std::vector<Entry>& mine = kept[r];
+        const int64_t take = std::min<int64_t>(k, mine.size());
+        if (take < static_cast<int64_t>(mine.size()))
+          std::nth_element(mine.begin(), mine.begin() + (take - 1), mine.end(), ranks_above);
+        for (int64_t t = 0; t < take; ++t) {
+          ov[(r0 + r) * k + t] = mine[t].first;
+          oi[(r0 + r) * k + t] = mine[t].second;
         }
       }
     }
