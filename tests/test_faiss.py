@@ -157,7 +157,7 @@ def test_compiled_search_equals_faiss_search(kind, k, nprobe):
 
 
 def test_without_the_compiled_extension_ivf_searches_by_faiss_and_flat_by_torch(monkeypatch):
-    monkeypatch.setattr(select_module, "_extension", lambda: None)
+    monkeypatch.setattr(select_module, "extension", lambda: None)
     x = torch.randn(300, 16)
     assert filled_index("ivf")._compiled_search(x, 10) is None
     flat = filled_index("flat")

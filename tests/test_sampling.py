@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
+from knn_patch.kernels import sampling, select
 from knn_patch.kernels.sampling import lazy_gumbel_sample, median_of_means, rest_mask, tail_sample
+from knn_patch.kernels.select import extension_available, scores_topk
 
 
 def chi_square_pvalue(draws: torch.Tensor, probs: torch.Tensor) -> float:
@@ -100,7 +102,19 @@ def subset_ids(idx: torch.Tensor, rest: list[int], m: int) -> torch.Tensor:
     return torch.tensor([ids[tuple(sorted(r))] for r in idx.tolist()])
 
 
-def test_tail_sample_of_a_causal_prefix_is_a_uniform_subset():
+@pytest.fixture(params=["compiled", "torch"])
+def prefix_sampler(request, monkeypatch):
+    """Runs a test through each sampler of the prefix path: the compiled one and the torch fallback
+    (no extension at all, as without a compiler)."""
+    if request.param == "torch":
+        monkeypatch.setattr(sampling, "extension", lambda: None)
+        monkeypatch.setattr(select, "extension", lambda: None)
+    else:
+        assert extension_available(), "g++ and ninja are in the setup; the compiled sampler must build"
+    return request.param
+
+
+def test_tail_sample_of_a_causal_prefix_is_a_uniform_subset(prefix_sampler):
     """The prefix path (row r sees keys [0, ends[r]), no (R, L) mask): 3 distinct keys of the 6 visible
     keys outside the top-k, each of the 20 subsets equally likely, weight 6/3; and the test has power
     against a sampler whose keys are distinct but not a uniform subset."""
@@ -116,7 +130,51 @@ def test_tail_sample_of_a_causal_prefix_is_a_uniform_subset():
     assert chi_square_pvalue(subset_ids(shifted, rest, 3), uniform) < 1e-6
 
 
-def test_tail_sample_takes_a_short_tail_whole_and_an_empty_one_not_at_all():
+def test_tail_sample_of_causal_prefixes_of_any_length_draws_each_tail_key_equally(prefix_sampler):
+    """Rows of different lengths (as one causal chunk): m distinct keys outside the row's top-k and
+    before its end, weight n_rest / m, and each tail key of a long prefix equally likely."""
+    rows, m = 20_000, 4
+    ends = torch.tensor([7, 12, 40]).repeat(rows)
+    top = torch.tensor([5, 0, 3]).expand(ends.numel(), -1)
+    idx, logw = tail_sample(top, m, torch.Generator().manual_seed(0), ends=ends)
+    expected = torch.log((ends - 3).double() / m).unsqueeze(-1).expand(-1, m)
+    torch.testing.assert_close(logw, expected)
+    assert all(len(set(r)) == m for r in idx[:300].tolist()), "distinct within a row"
+    assert ((idx < ends.unsqueeze(-1)) & (idx != 0) & (idx != 3) & (idx != 5)).all(), "only tail keys"
+    probs = torch.full((40,), 1 / 37)
+    probs[[0, 3, 5]] = 0
+    assert chi_square_pvalue(idx[2::3], probs) > 1e-3
+
+
+def test_tail_sample_of_a_causal_prefix_is_reproducible_with_a_seed(prefix_sampler):
+    top, ends = torch.tensor([7, 2, 9, 4]).expand(64, -1), torch.arange(64) + 10
+
+    def draw(seed):
+        return tail_sample(top, 3, torch.Generator().manual_seed(seed), ends=ends)[0]
+
+    assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
+
+
+def test_fused_selection_draws_the_tail_sample_with_its_scores(prefix_sampler):
+    """`scores_topk` with a tail (the kernel's fused path): the top-k, then `tail_sample`'s draw for the
+    same generator state, the sampled keys' scores, and -inf / index 0 in unused slots."""
+    g = torch.Generator().manual_seed(0)
+    q, key = torch.randn(2, 50, 8, generator=g), torch.randn(2, 60, 8, generator=g)
+    ends = torch.randint(0, 61, (100,), generator=g)  # short rows leave slots unused
+    vals, idx, logw = scores_topk(q, key, 5, ends, 6, torch.Generator().manual_seed(1))
+    sample, expected_logw = tail_sample(idx[:, :5], 6, torch.Generator().manual_seed(1), ends=ends)
+    assert torch.equal(idx[:, 5:], sample)
+    torch.testing.assert_close(logw, expected_logw)
+    scores = (q @ key.transpose(-1, -2)).reshape(100, 60)
+    masked = scores.masked_fill(torch.arange(60) >= ends.unsqueeze(-1), -math.inf)
+    full = ends >= 5  # rows with 5 visible keys: the top-5 set is unique
+    assert torch.equal(idx[full, :5].sort(-1).values, masked[full].topk(5).indices.sort(-1).values)
+    used = torch.isfinite(logw)
+    torch.testing.assert_close(vals[:, 5:][used], scores.gather(1, sample)[used])
+    assert (vals[:, 5:][~used] == -math.inf).all() and (sample[~used] == 0).all()
+
+
+def test_tail_sample_takes_a_short_tail_whole_and_an_empty_one_not_at_all(prefix_sampler):
     top = torch.tensor([[2, 4, 1, 0], [3, 1, 0, 2]])
     idx, logw = tail_sample(top, 3, torch.Generator().manual_seed(0), ends=torch.tensor([6, 3]))
     assert sorted(idx[0, torch.isfinite(logw[0])].tolist()) == [3, 5]  # the whole tail, weight 1

@@ -249,7 +249,7 @@ class KeyIndex:
         if self.gpu is not None or self.kind == "hnsw":
             return None
         if self.kind == "flat" or not self.trained:
-            vals, ids = scores_topk(x[None], _flat_vectors(self.index)[None], k)
+            vals, ids, _ = scores_topk(x[None], _flat_vectors(self.index)[None], k)
             return vals, torch.where(vals > -math.inf, ids, -1)
         nprobe = self.index.nprobe
         if x.shape[0] * nprobe < GROUPED_MIN_QUERIES * self.nlist:
@@ -264,7 +264,7 @@ class KeyIndex:
                     [inv.list_size(i) for i in lists],
                 )
             )
-        _, probes = scores_topk(x[None], _flat_vectors(self._quantizer)[None], nprobe)
+        _, probes, _ = scores_topk(x[None], _flat_vectors(self._quantizer)[None], nprobe)
         return ivf_topk(x, probes, self._lists, k)
 
     def clone(self) -> KeyIndex:

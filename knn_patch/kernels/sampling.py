@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .select import topk_rows
+from .select import draw_seed, extension, topk_rows
 
 
 def validate_seed(seed: object) -> None:
@@ -170,9 +170,13 @@ def tail_sample(
     probability, so the weighted exp-score sum over the sample is an unbiased estimate of the sum
     over the whole tail. The visible keys are either the first ends[r] keys of row r (causal or
     unmasked rows; the top-k must then be their kk best, so nothing of size L is built) or given as
-    the `rest` mask (R, L) (any mask; see `rest_mask`).
+    the `rest` mask (R, L) (any mask; see `rest_mask`). The prefix case runs in the compiled
+    extension when it is available (select.cpp, its own seeded stream per row), else in torch.
     """
     kk = top.shape[-1]
+    ext = extension() if rest is None and top.device.type == "cpu" else None
+    if ext is not None:  # the same draw in one compiled pass per row, no Python loop over m
+        return ext.tail_sample(top.long().contiguous(), ends.long().contiguous(), m, draw_seed(generator))
     n_rest = (ends - kk).clamp_min(0) if rest is None else rest.sum(-1)
     rank = _distinct_ranks(n_rest, m, generator)  # (R, m)
     used = rank >= 0

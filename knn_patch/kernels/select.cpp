@@ -1,4 +1,5 @@
-// Exact per-row top-k of a score block.
+// Exact per-row top-k of a score block, and the `tail` estimator's uniform sample of the keys
+// outside it (see tail_sample below).
 //
 // torch.topk on CPU costs ~1 us per row plus ~3.5 ns per element (it copies every row into a
 // vector of (value, index) pairs); attention has many short rows, so selection dominated the
@@ -17,6 +18,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <functional>
 #include <limits>
 #include <utility>
@@ -91,6 +94,11 @@ std::vector<torch::Tensor> empty_result(int64_t rows, int64_t k, const torch::Te
           torch::zeros({rows, k}, options.dtype(torch::kInt64))};
 }
 
+// Log-weights of (rows, m) sample slots before any draw: -inf, float64.
+torch::Tensor empty_log_weights(int64_t rows, int64_t m, const torch::TensorOptions& options) {
+  return torch::full({rows, m}, -std::numeric_limits<double>::infinity(), options.dtype(torch::kFloat64));
+}
+
 // scores: (R, L) float32, contiguous. row_end: (R,) int64, row r only considers columns
 // [0, row_end[r]) (the causal limit), or an empty tensor for all L. Returns values (R, k) sorted
 // descending and their column indices (R, k).
@@ -111,26 +119,99 @@ std::vector<torch::Tensor> topk_rows(torch::Tensor scores, int64_t k, torch::Ten
   return out;
 }
 
+// The `tail` sample: for each row, min(m, n_rest) distinct keys drawn uniformly from the row's
+// n_rest = end - k visible keys [0, end) outside its top-k. The torch version (sampling.py) loops
+// over the m draws in Python with a sort and a searchsorted per chunk; here one pass per row does it.
+namespace {
+
+// splitmix64's output function: a bijection of 64-bit words that mixes every input bit.
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// splitmix64, one stream per (seed, row): rows draw independently of which thread runs them, so a
+// seeded call reproduces exactly.
+class RowRng {
+ public:
+  RowRng(uint64_t seed, uint64_t row) : state_(mix64(seed ^ mix64(row + 0x9E3779B97F4A7C15ULL))) {}
+
+  // Uniform in [0, bound), exactly: Lemire's multiply-shift with rejection of the biased low products.
+  uint64_t below(uint64_t bound) {
+    unsigned __int128 p = static_cast<unsigned __int128>(next()) * bound;
+    if (static_cast<uint64_t>(p) < bound) {
+      const uint64_t threshold = -bound % bound;
+      while (static_cast<uint64_t>(p) < threshold) p = static_cast<unsigned __int128>(next()) * bound;
+    }
+    return static_cast<uint64_t>(p >> 64);
+  }
+
+ private:
+  uint64_t next() { return mix64(state_ += 0x9E3779B97F4A7C15ULL); }
+  uint64_t state_;
+};
+
+// One row: top (k) holds the top-k key indices in any order, all in [0, end) when end > k. Writes
+// the sampled keys in ascending order to out_pos (m slots) and their log-weight log(n_rest / drawn)
+// to out_logw; unused slots are left as they are (the caller fills them with 0 and -inf).
+// Returns the number drawn.
+int64_t sample_row(const int64_t* top, int64_t k, int64_t end, int64_t m, RowRng rng, int64_t* out_pos,
+                   double* out_logw, std::vector<int64_t>& ranks, std::vector<int64_t>& sorted_top) {
+  const int64_t n_rest = std::max<int64_t>(end - k, 0), drawn = std::min(m, n_rest);
+  if (drawn == 0) return 0;
+  // Floyd's algorithm: step j draws t uniform in [0, j] and keeps t, or j if t was already taken;
+  // every subset of `drawn` ranks is equally likely, at O(drawn^2) however large n_rest is.
+  ranks.clear();
+  for (int64_t j = n_rest - drawn; j < n_rest; ++j) {
+    const int64_t t = static_cast<int64_t>(rng.below(static_cast<uint64_t>(j) + 1));
+    ranks.push_back(std::find(ranks.begin(), ranks.end(), t) == ranks.end() ? t : j);
+  }
+  std::sort(ranks.begin(), ranks.end());
+  // The rank-th key outside the sorted top-k t_0 < t_1 < ...: rank + #{i : t_i - i <= rank}, and
+  // t_i - i never decreases, so one merge maps the sorted ranks.
+  sorted_top.assign(top, top + k);
+  std::sort(sorted_top.begin(), sorted_top.end());
+  const double logw = std::log(static_cast<double>(n_rest) / static_cast<double>(drawn));
+  int64_t skip = 0;
+  for (int64_t i = 0; i < drawn; ++i) {
+    while (skip < k && sorted_top[skip] - skip <= ranks[i]) ++skip;
+    out_pos[i] = ranks[i] + skip;
+    out_logw[i] = logw;
+  }
+  return drawn;
+}
+
+}  // namespace
+
 // Fused scores and selection, so the scores never leave the cache: for each of P independent
 // problems (one per batch and KV head), q (P, R, D) holds the scaled queries and key (P, L, D)
 // the keys. Blocks of 64 query rows are scored with a small GEMM into a per-thread buffer (only
 // up to the block's last causal limit) and selected at once. The same keys as topk_rows on the
-// full (P*R, L) score matrix, in no particular order.
-std::vector<torch::Tensor> scores_topk(torch::Tensor q, torch::Tensor key, int64_t k, torch::Tensor row_end) {
+// full (P*R, L) score matrix, in no particular order. With m > 0 each row also draws its tail
+// sample (the same draw as tail_sample for this seed) and reads the sampled keys' scores from the
+// buffer: values and indices are then (P*R, k + m), the samples last (unused slots -inf, 0), and
+// the third result holds their log-weights (P*R, m) (-inf in unused slots).
+std::vector<torch::Tensor> scores_topk(torch::Tensor q, torch::Tensor key, int64_t k, torch::Tensor row_end,
+                                       int64_t m, int64_t seed) {
   TORCH_CHECK(q.dim() == 3 && key.dim() == 3 && q.scalar_type() == torch::kFloat32 &&
                   key.scalar_type() == torch::kFloat32 && q.size(0) == key.size(0) && q.size(2) == key.size(2),
               "q (P, R, D) and key (P, L, D) must be float32");
   const int64_t problems = q.size(0), rows = q.size(1), cols = key.size(1);
   constexpr int64_t kRows = 64;
   const int64_t blocks = (rows + kRows - 1) / kRows;
-  auto out = empty_result(problems * rows, k, q.options());
+  const int64_t slots = k + m;
+  auto out = empty_result(problems * rows, slots, q.options());
+  out.push_back(empty_log_weights(problems * rows, m, q.options()));
   const int64_t* end = row_end.numel() ? row_end.data_ptr<int64_t>() : nullptr;
   float* out_v = out[0].data_ptr<float>();
   int64_t* out_i = out[1].data_ptr<int64_t>();
+  double* out_logw = out[2].data_ptr<double>();
   at::parallel_for(0, problems * blocks, 1, [&](int64_t t0, int64_t t1) {
     at::NoGradGuard no_grad;  // grad mode is per thread: worker threads start with it on
     Workspace ws;
     std::vector<float> buffer(kRows * cols);
+    std::vector<int64_t> ranks, sorted_top;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p = t / blocks, r0 = (t % blocks) * kRows, nr = std::min(kRows, rows - r0);
       const int64_t first = p * rows + r0;
@@ -143,13 +224,44 @@ std::vector<torch::Tensor> scores_topk(torch::Tensor q, torch::Tensor key, int64
       auto s = torch::from_blob(buffer.data(), {nr, width}, q.options());
       at::mm_out(s, q[p].narrow(0, r0, nr), key[p].narrow(0, 0, width).t());
       for (int64_t i = 0; i < nr; ++i) {
-        const int64_t r = first + i;
-        select_row(buffer.data() + i * width, end ? std::min(end[r], width) : width, k, out_v + r * k,
-                   out_i + r * k, ws, false);
+        const int64_t r = first + i, n = end ? std::min(end[r], width) : width;
+        const float* row = buffer.data() + i * width;
+        float* v = out_v + r * slots;
+        int64_t* idx = out_i + r * slots;
+        select_row(row, n, k, v, idx, ws, false);
+        if (m == 0) continue;
+        const int64_t drawn = sample_row(idx, k, n, m, RowRng(static_cast<uint64_t>(seed), r), idx + k,
+                                         out_logw + r * m, ranks, sorted_top);
+        for (int64_t j = k; j < k + drawn; ++j) v[j] = row[idx[j]];
       }
     }
   });
   return out;
+}
+
+// top: (R, k) int64 top-k key indices per row; row_end: (R,) int64, row r sees keys [0, row_end[r]).
+// Returns the sampled keys (R, m) int64 (0 in unused slots) and their log-weights (R, m) float64
+// (-inf in unused slots); the draws are a function of `seed`.
+std::vector<torch::Tensor> tail_sample(torch::Tensor top, torch::Tensor row_end, int64_t m, int64_t seed) {
+  TORCH_CHECK(top.dim() == 2 && top.is_contiguous() && top.scalar_type() == torch::kInt64,
+              "top must be a contiguous 2-D int64 tensor");
+  TORCH_CHECK(row_end.dim() == 1 && row_end.is_contiguous() && row_end.scalar_type() == torch::kInt64 &&
+                  row_end.size(0) == top.size(0),
+              "row_end must be a contiguous (R,) int64 tensor");
+  const int64_t rows = top.size(0), k = top.size(1);
+  auto pos = torch::zeros({rows, m}, top.options());
+  auto logw = empty_log_weights(rows, m, top.options());
+  const int64_t* t = top.data_ptr<int64_t>();
+  const int64_t* end = row_end.data_ptr<int64_t>();
+  int64_t* out_pos = pos.data_ptr<int64_t>();
+  double* out_logw = logw.data_ptr<double>();
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> ranks, sorted_top;
+    for (int64_t r = r0; r < r1; ++r)
+      sample_row(t + r * k, k, end[r], m, RowRng(static_cast<uint64_t>(seed), r), out_pos + r * m,
+                 out_logw + r * m, ranks, sorted_top);
+  });
+  return {pos, logw};
 }
 
 // The k largest inner products of each query over the inverted lists it probes, in a faiss
@@ -302,6 +414,7 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_rows", &topk_rows, "Exact per-row top-k of a float32 score block");
-  m.def("scores_topk", &scores_topk, "Exact top-k of q @ key^T per row, scores kept in cache");
+  m.def("scores_topk", &scores_topk, "Exact top-k of q @ key^T per row (and its tail sample), scores kept in cache");
+  m.def("tail_sample", &tail_sample, "Uniform distinct keys per row outside its top-k, and their log-weights");
   m.def("ivf_topk", &ivf_topk, "Top-k inner products over probed IVF lists, grouped by list");
 }

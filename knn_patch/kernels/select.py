@@ -1,4 +1,5 @@
-"""Row-wise exact top-k selection: a compiled one-pass heap (select.cpp), or torch.topk.
+"""Row-wise exact top-k selection: a compiled one-pass heap (select.cpp), or torch.topk. The same
+extension also draws the `tail` estimator's uniform sample (`sampling.tail_sample` uses it).
 
 The compiled path is built once with `torch.utils.cpp_extension` (about a minute, cached under
 `$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, in a folder named by the source's
@@ -22,7 +23,8 @@ logger = logging.getLogger("knn_patch")
 
 
 @functools.cache
-def _extension():
+def extension():
+    """The compiled module (built on first call), or None when it is disabled or cannot be built."""
     if os.environ.get("KNN_PATCH_NO_EXTENSION"):
         return None
     try:
@@ -48,14 +50,21 @@ def _extension():
         )
     except Exception as err:  # no compiler, no ninja: fall back, but say so
         logger.warning(
-            "knn_patch: could not build the top-k selection extension (%s); using torch.topk.", err
+            "knn_patch: could not build the selection extension (%s); using torch.topk and torch sampling.",
+            err,
         )
         return None
 
 
 def extension_available() -> bool:
     """Whether the compiled selection is in use (builds it on first call)."""
-    return _extension() is not None
+    return extension() is not None
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """One int64 seed from `generator` for the compiled sampler's per-row streams, so a seeded call
+    reproduces and successive calls draw differently."""
+    return int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator))
 
 
 def topk_rows(
@@ -66,7 +75,7 @@ def topk_rows(
     Row r only considers columns [0, row_end[r]) when `row_end` is given. Masked (-inf) scores are
     never chosen before visible ones; slots beyond a row's visible count hold -inf.
     """
-    ext = _extension() if scores.device.type == "cpu" and scores.dtype == torch.float32 else None
+    ext = extension() if scores.device.type == "cpu" and scores.dtype == torch.float32 else None
     if ext is not None:
         ends = torch.empty(0, dtype=torch.int64) if row_end is None else row_end.to(torch.int64).contiguous()
         return ext.topk_rows(scores.contiguous(), k, ends)
@@ -77,21 +86,37 @@ def topk_rows(
 
 
 def scores_topk(
-    query: torch.Tensor, key: torch.Tensor, k: int, row_end: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each row of query @ key^T: query (P, R, D), key (P, L, D) -> (P*R, k) each,
-    in no particular order (the compiled path skips the final sort).
+    query: torch.Tensor,
+    key: torch.Tensor,
+    k: int,
+    row_end: torch.Tensor | None = None,
+    tail: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of each row of query @ key^T: query (P, R, D), key (P, L, D) -> values and indices
+    (P*R, k + tail), in no particular order (the compiled path skips the final sort), and log-weights.
 
-    The compiled path scores blocks of 32 rows into a per-thread buffer and selects them while
-    they are in cache, never writing the (R, L) scores out: ~1.6x faster than a matmul followed
-    by `topk_rows` at L = 4096.
+    With `tail` m > 0 each row also gets `sampling.tail_sample`'s m keys (drawn from `generator`)
+    in its last m slots (score -inf and index 0 where unused), with their log-weights (P*R, m)
+    float64. The compiled path scores blocks of 64 rows into a per-thread buffer and selects and
+    samples them while they are in cache, never writing the (R, L) scores out: ~1.6x faster than a
+    matmul followed by `topk_rows` at L = 4096, and the samples cost no gather.
     """
-    ext = _extension() if query.device.type == "cpu" and query.dtype == key.dtype == torch.float32 else None
+    ext = extension() if query.device.type == "cpu" and query.dtype == key.dtype == torch.float32 else None
     if ext is not None:
         ends = torch.empty(0, dtype=torch.int64) if row_end is None else row_end.to(torch.int64).contiguous()
-        return ext.scores_topk(query.detach().contiguous(), key.detach(), k, ends)
-    scores = torch.matmul(query, key.transpose(-1, -2))
-    return topk_rows(scores.reshape(-1, scores.shape[-1]), k, row_end)
+        seed = draw_seed(generator) if tail else 0
+        return ext.scores_topk(query.detach().contiguous(), key.detach(), k, ends, tail, seed)
+    scores = torch.matmul(query, key.transpose(-1, -2)).reshape(-1, key.shape[-2])  # (P*R, L)
+    values, indices = topk_rows(scores, k, row_end)
+    if not tail:
+        return values, indices, scores.new_zeros(scores.shape[0], 0, dtype=torch.float64)
+    from .sampling import tail_sample  # sampling builds on this module: import it at call time
+
+    ends = torch.full_like(indices[:, 0], scores.shape[-1]) if row_end is None else row_end
+    sampled, logw = tail_sample(indices, tail, generator, ends=ends)
+    svals = scores.gather(1, sampled).masked_fill_(logw == -torch.inf, -torch.inf)
+    return torch.cat([values, svals], -1), torch.cat([indices, sampled], -1), logw
 
 
 def ivf_topk(
@@ -101,7 +126,7 @@ def ivf_topk(
     `probes` (R, P) names, every list scored once for all the queries probing it; `lists` holds
     the (nlist,) int64 tables of each list's vector pointer, id pointer and size (`KeyIndex`).
     None without the compiled extension: the caller then uses faiss's own search."""
-    ext = _extension()
+    ext = extension()
     if ext is None:
         return None
     return ext.ivf_topk(query.contiguous(), probes.contiguous(), *lists, k)

@@ -157,7 +157,6 @@ class _TopKAttention(torch.autograd.Function):
         drop_all = torch.ones(b, hkv, g, lq, width, dtype=torch.bool, device=device) if dropout > 0 else None
         s_all = torch.zeros_like(p_all) if softcap is not None else None
         buffer = None  # score block, grown as needed by chunks that leave the fused path
-        sample_buffer = None  # the tail samples' gathered keys in the fused path (reused: no page faults)
         ranges = []
         for q0 in range(0, lq, chunk):
             q1 = min(q0 + chunk, lq)
@@ -174,11 +173,16 @@ class _TopKAttention(torch.autograd.Function):
             if mask is None and causal and take < n:  # selection stops at each row's causal limit
                 row_end = (torch.arange(c, device=device) + (q0 + offset + 1 - lo)).clamp(max=n)
                 row_end = row_end.expand(b, hkv, g, c).reshape(-1)  # one per score row
-            if fused and take < n:
-                sel, pos = scores_topk(
-                    qc.view(b * hkv, g * c, d), k32[:, :, lo:hi].reshape(b * hkv, n, d), take, row_end
+            if fused and take < n:  # with tail samples, they come along in the last slots
+                sel, pos, logw = scores_topk(
+                    qc.view(b * hkv, g * c, d),
+                    k32[:, :, lo:hi].reshape(b * hkv, n, d),
+                    take,
+                    row_end,
+                    tail_samples,
+                    generator,
                 )
-                sel, pos = sel.view(b, hkv, g, c, take), pos.view(b, hkv, g, c, take)
+                sel, pos = sel.view(b, hkv, g, c, -1), pos.view(b, hkv, g, c, -1)
             else:
                 if buffer is None or buffer.numel() < b * hkv * g * c * n:
                     buffer = torch.empty(b * hkv * g * c * n, dtype=acc, device=device)  # reused
@@ -208,27 +212,22 @@ class _TopKAttention(torch.autograd.Function):
                 keep = (sel > -math.inf) & (is_forced | (rank <= k))
             else:
                 vals, keep = sel, sel > -math.inf
-            logw = None
             if tail_samples and take < n:
-                rows = pos.reshape(-1, take)
-                if visible is None:  # causal or unmasked: row r sees its first row_end[r] (or n) keys
-                    ends = row_end if row_end is not None else torch.full_like(rows[:, 0], n)
-                    spos, logw = tail_sample(rows, tail_samples, generator, ends=ends)
-                else:
-                    rest = rest_mask(s.reshape(-1, n), rows)
-                    spos, logw = tail_sample(rows, tail_samples, generator, rest=rest)
-                spos = spos.view(b, hkv, g, c, tail_samples)
-                logw = torch.cat([torch.zeros_like(vals), logw.view_as(spos).to(acc)], -1)
-                if s is None:  # fused selection: score the sampled keys only
-                    size = spos.numel() * d
-                    if sample_buffer is None or sample_buffer.numel() < size:
-                        sample_buffer = torch.empty(size, dtype=acc, device=device)  # reused
-                    k_samp = _gather_rows(k32, spos + lo, sample_buffer[:size])  # (B, Hkv, G, C, m, D)
-                    svals = (qc.view(b, hkv, g, c, 1, d) @ k_samp.transpose(-1, -2)).squeeze(-2)
-                else:
-                    svals = s.gather(-1, spos)
-                vals, pos = torch.cat([vals, svals], -1), torch.cat([pos, spos], -1)
+                if s is not None:  # scores materialised: draw the samples here (fused: drawn already)
+                    rows = pos.reshape(-1, take)
+                    if visible is None:  # causal or unmasked: row r sees its first row_end[r] (or n) keys
+                        ends = row_end if row_end is not None else torch.full_like(rows[:, 0], n)
+                        spos, logw = tail_sample(rows, tail_samples, generator, ends=ends)
+                    else:
+                        rest = rest_mask(s.reshape(-1, n), rows)
+                        spos, logw = tail_sample(rows, tail_samples, generator, rest=rest)
+                    spos = spos.view(b, hkv, g, c, tail_samples)
+                    vals, pos = torch.cat([vals, s.gather(-1, spos)], -1), torch.cat([pos, spos], -1)
+                zeros = torch.zeros(b, hkv, g, c, take, dtype=acc, device=device)
+                logw = torch.cat([zeros, logw.view(b, hkv, g, c, tail_samples).to(acc)], -1)
                 keep = torch.isfinite(vals + logw)
+            else:
+                logw = None
             p = _probabilities(vals if logw is None else vals + logw, keep)
             t = p.shape[-1]
             if dropout > 0:
@@ -315,13 +314,11 @@ def _dense_chunk(take: int, n: int) -> bool:
     return 4 * take >= n
 
 
-def _gather_rows(x: torch.Tensor, pos: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (B, Hkv, L, E), pos (B, Hkv, G, C, t) -> (B, Hkv, G, C, t, E), into the flat buffer `out`
-    when given (its size must match)."""
+def _gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x (B, Hkv, L, E), pos (B, Hkv, G, C, t) -> (B, Hkv, G, C, t, E)."""
     b, hkv, n, e = x.shape
     flat = pos + (torch.arange(b * hkv, device=x.device) * n).view(b, hkv, 1, 1, 1)  # (B, Hkv, G, C, t)
-    out = None if out is None else out.view(-1, e)
-    return torch.index_select(x.reshape(b * hkv * n, e), 0, flat.reshape(-1), out=out).view(*pos.shape, e)
+    return torch.index_select(x.reshape(b * hkv * n, e), 0, flat.reshape(-1)).view(*pos.shape, e)
 
 
 def _scatter_rows(dst: torch.Tensor, pos: torch.Tensor, src: torch.Tensor) -> None:
