@@ -28,7 +28,7 @@ def test_growth_rows_hold_times_recall_and_exponents():
         recall_queries=32,
         progress=False,
     )
-    assert [r["n"] for r in result["rows"]] == [1024, 3072]
+    assert [r["n"] for r in result["rows"]] == [1024, 2048]
     for row in result["rows"]:
         assert row["times"].keys() == {"sdpa", "faiss-hnsw"} and all(t > 0 for t in row["times"].values())
         assert 0.0 <= row["recall"]["faiss-hnsw"] <= 1.0
