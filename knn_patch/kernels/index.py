@@ -18,6 +18,11 @@ Index types (`index` option):
   gets the coordinate 0 (it is then over-retrieved, never lost). `hnsw_m` links per node,
   `ef_search` search breadth (raised to the number of results when larger), `ef_construction` build
   breadth.
+
+Searches on CPU with many queries (a full-sequence block) run in the compiled extension instead
+of faiss's search, with the same results: a flat index is scored like the `topk` backend's keys,
+and an IVF index's lists are each scored once for all the queries probing them (`ivf_topk`);
+faiss still trains the IVF, assigns keys to lists and holds them. See `KeyIndex._compiled_search`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-// Exact per-row top-k of a score block, and the `tail` estimator's uniform sample of the keys
-// outside it (see tail_sample below).
+// Exact per-row top-k of a score block, the `tail` estimator's uniform sample of the keys
+// outside it (see tail_sample below), and the top-k over a faiss IVF index's probed lists for many
+// queries at once (ivf_topk, at the end).
 //
 // torch.topk on CPU costs ~1 us per row plus ~3.5 ns per element (it copies every row into a
 // vector of (value, index) pairs); attention has many short rows, so selection dominated the

@@ -1,5 +1,6 @@
-"""Row-wise exact top-k selection: a compiled one-pass heap (select.cpp), or torch.topk. The same
-extension also draws the `tail` estimator's uniform sample (`sampling.tail_sample` uses it).
+"""Row-wise exact top-k selection: compiled (select.cpp), or torch.topk. The same extension also
+draws the `tail` estimator's uniform sample (`sampling.tail_sample` uses it) and searches a faiss
+IVF index for many queries at once (`ivf_topk`, used by `index.KeyIndex`).
 
 The compiled path is built once with `torch.utils.cpp_extension` (about a minute, cached under
 `$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, in a folder named by the source's
