@@ -55,12 +55,19 @@ def fit_exponent(ns: list[int], times: list[float]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
 
 
+def _index_options(method: str, options: dict) -> dict:
+    """The faiss options of a growth method: "faiss-ivf", "faiss-hnsw", or "faiss-ivf-np<nprobe>"."""
+    _, index, *probes = method.split("-")
+    extra = {"nprobe": int(probes[0].removeprefix("np"))} if probes else {}
+    return validate_index_options({**options, "index": index, **extra})
+
+
 def _layer_fn(method: str, k: int, options: dict) -> Callable[..., torch.Tensor]:
     if method == "sdpa":
         return lambda q, kk, v: F.scaled_dot_product_attention(q, kk, v, is_causal=True, enable_gqa=True)
     if method == "topk":
         return lambda q, kk, v: topk_attention(q, kk, v, k=k)[0]
-    opts = validate_index_options({**options, "index": method.split("-")[1]})
+    opts = _index_options(method, options)
     return lambda q, kk, v: retrieval_attention(q, kk, v, k=k, options=opts)[0]
 
 
@@ -138,7 +145,7 @@ def run_growth(
                 fn = _layer_fn(method, k, options)
                 row["times"][method] = _median_time(partial(fn, q, kk, v), repeats)
                 if method.startswith("faiss"):
-                    opts = validate_index_options({**options, "index": method.split("-")[1]})
+                    opts = _index_options(method, options)
                     try:
                         recall = recall_at_k(q, kk, k=k, options=opts, n_queries=recall_queries)
                     except ValueError:  # too short for ivf to have trained: no approximate search
@@ -323,7 +330,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--layer", type=int, default=3, help="growth --inputs real: the layer captured")
     p.add_argument("--nlist", type=int, default=None, help="growth, recall: IVF lists (default √n)")
-    p.add_argument("--nprobe", type=int, default=None, help="growth, recall: IVF lists probed (default 16)")
+    p.add_argument(
+        "--nprobe",
+        type=int,
+        nargs="+",
+        default=None,
+        help="growth, recall: IVF lists probed (default 16); growth times faiss-ivf at each value given",
+    )
     p.add_argument("--repeats", type=int, default=1, help="growth: timed runs per point (median)")
     p.add_argument("--steps", type=int, default=8, help="decode: timed steps (median)")
     p.add_argument("--seed", type=int, default=0)
@@ -339,13 +352,20 @@ def main(argv: list[str] | None = None) -> None:
         faiss_module().omp_set_num_threads(args.faiss_threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ivf = {name: getattr(args, name) for name in ("nlist", "nprobe") if getattr(args, name) is not None}
+    ivf = {} if args.nlist is None else {"nlist": args.nlist}
+    nprobes = args.nprobe or []
+    if len(nprobes) > 1 and args.what != "growth":
+        p.error("--nprobe takes several values only with growth")
+    if len(nprobes) == 1:
+        ivf["nprobe"] = nprobes[0]
+    several = [f"faiss-ivf-np{n}" for n in nprobes] if len(nprobes) > 1 else ["faiss-ivf"]
+    methods = [name for m in args.methods for name in (several if m == "faiss-ivf" else [m])]
     if args.what == "growth":
         inputs = real_inputs(max(args.n), args.layer) if args.inputs == "real" else None
         result = run_growth(
             args.n,
             k=args.k,
-            methods=tuple(args.methods),
+            methods=tuple(methods),
             options=ivf,
             repeats=args.repeats,
             seed=args.seed,

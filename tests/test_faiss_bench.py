@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from knn_patch.bench_faiss import fit_exponent, real_inputs, run_decode, run_growth
+from knn_patch.bench_faiss import _index_options, fit_exponent, main, real_inputs, run_decode, run_growth
+from knn_patch.kernels.index import validate_index_options
 
 pytest.importorskip("faiss")
 
@@ -17,6 +18,19 @@ def test_fit_exponent_recovers_a_power_law():
     assert fit_exponent(ns, [3e-9 * n**1.5 for n in ns]) == pytest.approx(1.5)
     assert fit_exponent(ns, [2e-10 * n**2 for n in ns]) == pytest.approx(2.0)
     assert fit_exponent([1024], [1.0]) is None
+
+
+def test_growth_methods_name_their_index_and_nprobe():
+    assert _index_options("faiss-ivf-np48", {"nlist": 64}) == validate_index_options(
+        {"index": "ivf", "nlist": 64, "nprobe": 48}
+    )
+    assert _index_options("faiss-hnsw", {})["index"] == "hnsw"
+
+
+def test_several_nprobe_values_are_for_growth_only(capsys):
+    with pytest.raises(SystemExit):
+        main(["recall", "--nprobe", "16", "32"])
+    assert "only with growth" in capsys.readouterr().err
 
 
 @pytest.mark.slow
