@@ -292,7 +292,7 @@ def _print_growth(result: dict) -> None:
         times = [f"{r['times'][m]:.3f}" for m in methods]
         table.add_row(str(r["n"]), *times, *("-" if v is None else f"{v:.3f}" for v in r["recall"].values()))
     table.add_row("exponent", *("-" if s is None else f"{s:.2f}" for s in result["exponents"].values()))
-    Console().print(table)
+    Console(width=max(Console().width, 170)).print(table)  # wide: never wrap the columns
 
 
 def _print_decode(result: dict) -> None:
@@ -311,7 +311,7 @@ def _print_decode(result: dict) -> None:
             f"{r['index_bytes'] / 2**20:.1f} MiB",
             f"{r['knn_warmup_s']:.1f}",
         )
-    Console().print(table)
+    Console(width=max(Console().width, 170)).print(table)  # wide: never wrap the columns
 
 
 def main(argv: list[str] | None = None) -> None:
