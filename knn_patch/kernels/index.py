@@ -44,7 +44,8 @@ INDEX_TYPES = ("flat", "ivf", "hnsw")
 TRAIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per IVF list
 NORM_MARGIN = 1.25  # HNSW's L2 reduction radius over the largest key norm seen at creation
 # IVF searches whose lists get at least this many queries each, on average, score every list once
-# for all of them (`KeyIndex._compiled_search`); fewer (decode steps) use faiss's own search.
+# for all of them (`KeyIndex._compiled_search`); with fewer (decode steps) the GEMMs would be a row
+# or two, and faiss's own search serves.
 GROUPED_MIN_QUERIES = 8
 
 # Default options: nprobe/ef_search chosen for recall@k >= 0.9 on SmolLM2 activations (see tests).
@@ -232,9 +233,9 @@ class KeyIndex:
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.options["ef_search"], k)
         x = queries.detach().to(device="cpu", dtype=torch.float32)
-        found = self._compiled_search(x, k)
-        if found is not None:
-            dist, ids = (t.numpy() for t in found)
+        compiled = self._compiled_search(x, k)
+        if compiled is not None:
+            dist, ids = (t.numpy() for t in compiled)
         else:
             dist, ids = self.index.search(self._lift(x, keys=False), k)
         found = ids >= 0
@@ -248,7 +249,7 @@ class KeyIndex:
         hnsw, GPU indexes, and IVF lists that would get under `GROUPED_MIN_QUERIES` queries each.
 
         A flat index's vectors are scored like the `topk` backend's keys (`scores_topk`; faiss's
-        flat search took ~3.5x longer in the 32k growth benchmark). An IVF index picks each
+        flat search took ~3.5x longer in a profile of the 32k growth run). An IVF index picks each
         query's lists the same way from its centroids, then scores each list once for all the
         queries probing it (`ivf_topk`); faiss's IVF search scans every query's lists on their own."""
         if self.gpu is not None or self.kind == "hnsw":
