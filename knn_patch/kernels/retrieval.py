@@ -162,8 +162,9 @@ def retrieval_attention(
         indexes = KeyIndexes(key, options=opts)
 
     acc = torch.promote_types(query.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
-    # faiss's fp32 inner products stand for the retrieved keys' scores unless q or k needs a gradient
-    # (faiss is not differentiable) or the scores are float64: then those keys are gathered and rescored
+    # the search's fp32 inner products stand for the retrieved keys' scores unless q or k needs a
+    # gradient (the search is not differentiable) or the scores are float64: then those keys are
+    # gathered and rescored
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     rescore = needs_grad or acc != torch.float32
     width = k + sink_tokens + local_window
@@ -193,7 +194,7 @@ def retrieval_attention(
                 kg = _gather(k_all, gathered)  # (B, Hkv, G*C, t, D)
                 front_pos.append(gathered)
                 parts_s.append((kg @ qb.unsqueeze(-1)).squeeze(-1))  # (B, Hkv, G*C, t)
-            if ret.shape[-1] and ret_s is not None and not rescore:  # faiss's own inner products
+            if ret.shape[-1] and ret_s is not None and not rescore:  # the search's own inner products
                 front_pos.append(ret)
                 parts_s.append(ret_s)
             fpos = torch.cat(front_pos, -1) if front_pos else None  # (B, Hkv, G*C, F)
