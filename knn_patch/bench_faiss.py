@@ -162,7 +162,8 @@ def real_recall(
 ) -> dict:
     """Recall@k of ivf and hnsw (default settings unless `options`) on post-RoPE queries/keys of the
     embedded default's `layers` over the first n tokens of the longest of the first 40 bundled
-    speeches, or of the longest speech of all when that one is shorter than n tokens."""
+    speeches, or of the longest speech of all when that one is shorter than n tokens; also the
+    attention-weighted recall (`recall_at_k(weighted=True)`), under "mass_recall"."""
     from .activations import capture_activations
     from .assets import bundled_corpus_dir
     from .loading import load_default
@@ -177,13 +178,14 @@ def real_recall(
     ids = ids[:, :n]
     model.model.layers = model.model.layers[: max(layers) + 1]  # later layers do not change these
     captured = capture_activations(model.model, ids, layers)
-    out = {"document": path.name, "tokens": ids.shape[1], "k": k, "recall": {}}
+    out: dict = {"document": path.name, "tokens": ids.shape[1], "k": k, "recall": {}, "mass_recall": {}}
     for index in ("ivf", "hnsw"):
         opts = validate_index_options({**(options or {}), "index": index})
-        out["recall"][index] = {
-            layer: recall_at_k(act["q"], act["k"], k=k, options=opts, n_queries=256)
-            for layer, act in captured.items()
-        }
+        for name, weighted in (("recall", False), ("mass_recall", True)):
+            out[name][index] = {
+                layer: recall_at_k(act["q"], act["k"], k=k, options=opts, n_queries=256, weighted=weighted)
+                for layer, act in captured.items()
+            }
     return out
 
 
@@ -329,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         "--inputs", choices=("random", "real"), default="random", help="growth: random or SmolLM2's q/k/v"
     )
     p.add_argument("--layer", type=int, default=3, help="growth --inputs real: the layer captured")
+    p.add_argument("--layers", type=int, nargs="+", default=[3, 10], help="recall: the layers measured")
     p.add_argument("--nlist", type=int, default=None, help="growth, recall: IVF lists (default √n)")
     p.add_argument(
         "--nprobe",
@@ -380,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         _print_decode(result)
     else:
-        result = real_recall(args.tokens, k=args.k, options=ivf)
+        result = real_recall(args.tokens, layers=tuple(args.layers), k=args.k, options=ivf)
         print(result)
     result.update(args=vars(args), machine=machine_info())
     path = write_json_atomic(out / f"{args.what}.json", result)

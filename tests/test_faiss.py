@@ -122,6 +122,20 @@ def test_approximate_indexes_give_finite_outputs_that_follow_top_k(index):
     out = retrieval_attention(q, k, k, k=8, options=opts)[0]
     assert torch.isfinite(out).all()
     assert recall_at_k(q, k, k=8, options=opts, n_queries=64) >= 0.8
+    assert 0.0 < recall_at_k(q, k, k=8, options=opts, n_queries=64, weighted=True) <= 1.0
+
+
+def test_weighted_recall_counts_missed_keys_by_attention_weight():
+    """A flat index misses nothing (1.0 either way); an IVF probing 1 of 8 lists misses keys, and
+    the weighted recall counts them by their softmax weight, not one each."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 800, 16), torch.randn(1, 1, 800, 16) * 2
+    flat = validate_index_options({"index": "flat", "block_size": 64})
+    assert recall_at_k(q, k, k=8, options=flat, n_queries=64, weighted=True) == pytest.approx(1.0)
+    ivf = validate_index_options({"index": "ivf", "block_size": 64, "nlist": 8, "nprobe": 1})
+    plain = recall_at_k(q, k, k=8, options=ivf, n_queries=64)
+    weighted = recall_at_k(q, k, k=8, options=ivf, n_queries=64, weighted=True)
+    assert plain < 1.0 and 0.0 < weighted < 1.0 and weighted != pytest.approx(plain)
 
 
 def filled_index(kind, n=2000, d=16, nlist=8, nprobe=3):
