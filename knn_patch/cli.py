@@ -31,6 +31,17 @@ def eval_(args: argparse.Namespace) -> dict:
 
     `demo` is this command with defaults for the embedded model on bundled speeches."""
     out = ensure_writable(args.out)  # fail before the long work, not after it
+    configs = [  # bad settings fail here, before the model loads
+        KNNConfig(
+            k=k.strip(),
+            backend=args.backend,
+            sink_tokens=args.sink_tokens,
+            local_window=args.local_window,
+            chunk_size=args.chunk_size,
+            backend_options=args.backend_options,
+        )
+        for k in args.k.split(",")
+    ]
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of torchrun's
     model, tokenizer = load_model(args.model).to(state.device), load_tokenizer(args.model)
     docs = load_documents(args.dataset, config=args.dataset_config, split=args.split, column=args.column)
@@ -39,16 +50,6 @@ def eval_(args: argparse.Namespace) -> dict:
     )
     if args.max_docs is not None:
         docs = docs.select(range(min(args.max_docs, len(docs))))
-    configs = [
-        KNNConfig(
-            k=k.strip(),
-            backend=args.backend,
-            sink_tokens=args.sink_tokens,
-            local_window=args.local_window,
-            chunk_size=args.chunk_size,
-        )
-        for k in args.k.split(",")
-    ]
     stride = args.stride or args.max_length
     partial = out / "perplexity.partial.json"  # the finished documents so far, if the run is stopped
     resume_from = None
@@ -130,6 +131,17 @@ def prepare(_: argparse.Namespace) -> None:
     print(f"model ready; corpus at {bundled_corpus_dir()}; compiled top-k selection {compiled}")
 
 
+def _json_object(text: str) -> dict:
+    """`--backend-options`: a JSON object; anything else fails with the expected form."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}); use an object like '{{\"m\": 16}}'") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; use an object like '{{\"m\": 16}}'")
+    return value
+
+
 def _eval_arguments(
     p: argparse.ArgumentParser, *, max_docs: int | None, min_tokens: int, max_tokens: int | None, out: str
 ) -> None:
@@ -165,6 +177,12 @@ def _eval_arguments(
         "--dense-prefill", action="store_true", help="decode mode: one dense prefill shared by all settings"
     )
     p.add_argument("--backend", default="topk")
+    p.add_argument(
+        "--backend-options",
+        type=_json_object,
+        default={},
+        help='the backend\'s options as a JSON object, e.g. \'{"index": "ivf", "nprobe": 64}\' for faiss',
+    )
     p.add_argument("--sink-tokens", type=int, default=0)
     p.add_argument("--local-window", type=int, default=0)
     p.add_argument("--chunk-size", type=int, default=512)

@@ -50,6 +50,20 @@ def test_eval_decode_mode_with_dense_prefill(tmp_path):
     assert result["totals"]["dense"]["tokens"] == 98
 
 
+def test_eval_passes_backend_options_and_rejects_bad_ones_before_loading(tmp_path, capsys):
+    main(["eval", "--max-docs", "1", "--min-tokens", "100", "--max-tokens", "100", "--max-length", "64",
+          "--k", "4", "--backend", "faiss", "--backend-options", '{"index": "hnsw", "block_size": 16}',
+          "--out", str(tmp_path)])  # fmt: skip
+    settings = json.loads((tmp_path / "perplexity.json").read_text())["settings"]
+    (setting,) = [s for s in settings if s["config"]]
+    assert setting["config"]["backend_options"] == {"index": "hnsw", "block_size": 16}
+    with pytest.raises(SystemExit):
+        main(["eval", "--backend-options", "[1]", "--out", str(tmp_path)])
+    assert "is not a JSON object" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="nprobe"):  # the config fails before any model loads
+        main(["eval", "--backend", "faiss", "--backend-options", '{"nprobe": 0}', "--out", str(tmp_path)])
+
+
 def test_the_command_reports_bad_input_in_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
