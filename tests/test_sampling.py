@@ -155,9 +155,11 @@ def test_tail_sample_of_a_causal_prefix_is_reproducible_with_a_seed(prefix_sampl
     assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
 
 
-def test_fused_selection_draws_the_tail_sample_with_its_scores(prefix_sampler):
-    """`scores_topk` with a tail (the kernel's fused path): the top-k, then `tail_sample`'s draw for the
-    same generator state, the sampled keys' scores, and -inf / index 0 in unused slots."""
+def test_fused_selection_draws_the_tail_sample_with_its_scores():
+    """`scores_topk` with a tail (the kernel's fused path, compiled only): the top-k, then
+    `tail_sample`'s draw for the same generator state, the sampled keys' scores, and -inf / index 0
+    in unused slots."""
+    assert extension_available(), "g++ and ninja are in the setup; the compiled sampler must build"
     g = torch.Generator().manual_seed(0)
     q, key = torch.randn(2, 50, 8, generator=g), torch.randn(2, 60, 8, generator=g)
     ends = torch.randint(0, 61, (100,), generator=g)  # short rows leave slots unused

@@ -86,6 +86,12 @@ def topk_rows(
     return scores.topk(k, dim=-1)
 
 
+def fused_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `scores_topk` runs compiled for scores of this device and dtype (CPU float32, with
+    the extension built); the `topk` kernel materialises score blocks otherwise."""
+    return device.type == "cpu" and dtype == torch.float32 and extension() is not None
+
+
 def scores_topk(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -97,27 +103,22 @@ def scores_topk(
     """Top-k of each row of query @ key^T: query (P, R, D), key (P, L, D) -> values and indices
     (P*R, k + tail), in no particular order (the compiled path skips the final sort), and log-weights.
 
-    With `tail` m > 0 each row also gets `sampling.tail_sample`'s m keys (drawn from `generator`)
-    in its last m slots (score -inf and index 0 where unused), with their log-weights (P*R, m)
-    float64. The compiled path scores blocks of 64 rows into a per-thread buffer and selects and
-    samples them while they are in cache, never writing the (R, L) scores out: ~1.6x faster than a
-    matmul followed by `topk_rows` at L = 4096, and the samples cost no gather.
+    With `tail` m > 0 (compiled path only, see `fused_available`) each row also gets
+    `sampling.tail_sample`'s m keys (drawn from `generator`) in its last m slots (score -inf and
+    index 0 where unused), with their log-weights (P*R, m) float64. The compiled path scores
+    blocks of 64 rows into a per-thread buffer and selects and samples them while they are in
+    cache, never writing the (R, L) scores out: ~1.6x faster than a matmul followed by `topk_rows`
+    at L = 4096, and the samples cost no gather.
     """
-    ext = extension() if query.device.type == "cpu" and query.dtype == key.dtype == torch.float32 else None
-    if ext is not None:
+    if key.dtype == query.dtype and fused_available(query.device, query.dtype):
         ends = torch.empty(0, dtype=torch.int64) if row_end is None else row_end.to(torch.int64).contiguous()
         seed = draw_seed(generator) if tail else 0
-        return ext.scores_topk(query.detach().contiguous(), key.detach(), k, ends, tail, seed)
+        return extension().scores_topk(query.detach().contiguous(), key.detach(), k, ends, tail, seed)
+    if tail:
+        raise RuntimeError("scores_topk draws tail samples only compiled; check fused_available first.")
     scores = torch.matmul(query, key.transpose(-1, -2)).reshape(-1, key.shape[-2])  # (P*R, L)
     values, indices = topk_rows(scores, k, row_end)
-    if not tail:
-        return values, indices, scores.new_zeros(scores.shape[0], 0, dtype=torch.float64)
-    from .sampling import tail_sample  # sampling builds on this module: import it at call time
-
-    ends = torch.full_like(indices[:, 0], scores.shape[-1]) if row_end is None else row_end
-    sampled, logw = tail_sample(indices, tail, generator, ends=ends)
-    svals = scores.gather(1, sampled).masked_fill_(logw == -torch.inf, -torch.inf)
-    return torch.cat([values, svals], -1), torch.cat([indices, sampled], -1), logw
+    return values, indices, scores.new_zeros(scores.shape[0], 0, dtype=torch.float64)
 
 
 def ivf_topk(

@@ -17,7 +17,7 @@ import math
 import torch
 
 from .sampling import rest_mask, tail_sample
-from .select import scores_topk, topk_rows
+from .select import fused_available, scores_topk, topk_rows
 
 # Working sets, in elements, that bound memory at long n: the forward's score block (queries x
 # visible keys, only where scores are materialised) and the backward's gathered rows (queries x k
@@ -144,11 +144,11 @@ class _TopKAttention(torch.autograd.Function):
         kk = min(k + n_forced, lk)
         width = min(kk + tail_samples, lk)  # saved slots per query: top-k, then tail samples
         offset = lk - lq  # queries are the last lq positions (bottom-right causal alignment)
-        # The fused path (no mask, sinks, window or softcap) never materialises a score block.
-        fused = mask is None and not n_forced and softcap is None
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
+        # The fused path (no mask, sinks, window or softcap; compiled) never materialises a score block.
+        fused = mask is None and not n_forced and softcap is None and fused_available(device, acc)
         chunk = chunk_size if fused else max(1, min(chunk_size, _SCORE_BUDGET // max(1, b * hkv * g * lk)))
 
-        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
         k32, v32 = key.to(acc), value.to(acc)
         out = torch.zeros(b, hkv, g, lq, dv, dtype=acc, device=device)
         # int32 halves the saved state; key indices stay far below 2**31
