@@ -147,7 +147,7 @@ def run_growth(
                 if method.startswith("faiss"):
                     opts = _index_options(method, options)
                     try:
-                        recall = recall_at_k(q, kk, k=k, options=opts, n_queries=recall_queries)
+                        recall = recall_at_k(q, kk, k=k, options=opts, n_queries=recall_queries).plain
                     except ValueError:  # too short for ivf to have trained: no approximate search
                         recall = None
                     row["recall"][method] = recall
@@ -163,7 +163,7 @@ def real_recall(
     """Recall@k of ivf and hnsw (default settings unless `options`) on post-RoPE queries/keys of the
     embedded default's `layers` over the first n tokens of the longest of the first 40 bundled
     speeches, or of the longest speech of all when that one is shorter than n tokens; also the
-    attention-weighted recall (`recall_at_k(weighted=True)`), under "mass_recall"."""
+    attention-weighted recall (`Recall.weighted`), under "mass_recall"."""
     from .activations import capture_activations
     from .assets import bundled_corpus_dir
     from .loading import load_default
@@ -181,11 +181,12 @@ def real_recall(
     out: dict = {"document": path.name, "tokens": ids.shape[1], "k": k, "recall": {}, "mass_recall": {}}
     for index in ("ivf", "hnsw"):
         opts = validate_index_options({**(options or {}), "index": index})
-        for name, weighted in (("recall", False), ("mass_recall", True)):
-            out[name][index] = {
-                layer: recall_at_k(act["q"], act["k"], k=k, options=opts, n_queries=256, weighted=weighted)
-                for layer, act in captured.items()
-            }
+        found = {
+            layer: recall_at_k(act["q"], act["k"], k=k, options=opts, n_queries=256)
+            for layer, act in captured.items()
+        }
+        out["recall"][index] = {layer: r.plain for layer, r in found.items()}
+        out["mass_recall"][index] = {layer: r.weighted for layer, r in found.items()}
     return out
 
 

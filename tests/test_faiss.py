@@ -121,8 +121,8 @@ def test_approximate_indexes_give_finite_outputs_that_follow_top_k(index):
     opts = validate_index_options({"index": index, "block_size": 64, "nlist": 4})
     out = retrieval_attention(q, k, k, k=8, options=opts)[0]
     assert torch.isfinite(out).all()
-    assert recall_at_k(q, k, k=8, options=opts, n_queries=64) >= 0.8
-    assert 0.0 < recall_at_k(q, k, k=8, options=opts, n_queries=64, weighted=True) <= 1.0
+    recall = recall_at_k(q, k, k=8, options=opts, n_queries=64)
+    assert recall.plain >= 0.8 and 0.0 < recall.weighted <= 1.0
 
 
 def test_weighted_recall_counts_missed_keys_by_attention_weight():
@@ -131,10 +131,9 @@ def test_weighted_recall_counts_missed_keys_by_attention_weight():
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 800, 16), torch.randn(1, 1, 800, 16) * 2
     flat = validate_index_options({"index": "flat", "block_size": 64})
-    assert recall_at_k(q, k, k=8, options=flat, n_queries=64, weighted=True) == pytest.approx(1.0)
+    assert recall_at_k(q, k, k=8, options=flat, n_queries=64) == pytest.approx((1.0, 1.0))
     ivf = validate_index_options({"index": "ivf", "block_size": 64, "nlist": 8, "nprobe": 1})
-    plain = recall_at_k(q, k, k=8, options=ivf, n_queries=64)
-    weighted = recall_at_k(q, k, k=8, options=ivf, n_queries=64, weighted=True)
+    plain, weighted = recall_at_k(q, k, k=8, options=ivf, n_queries=64)
     assert plain < 1.0 and 0.0 < weighted < 1.0 and weighted != pytest.approx(plain)
 
 
@@ -219,7 +218,7 @@ def smollm_activations():
 def test_recall_at_32_on_real_activations_at_default_settings(smollm_activations, index):
     options = validate_index_options({"index": index})
     for layer, act in smollm_activations.items():
-        recall = recall_at_k(act["q"], act["k"], k=32, options=options, n_queries=128, seed=0)
+        recall = recall_at_k(act["q"], act["k"], k=32, options=options, n_queries=128, seed=0).plain
         assert recall >= 0.9, f"layer {layer}: recall@32 {recall:.3f}"
 
 

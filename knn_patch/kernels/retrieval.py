@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -245,6 +245,13 @@ def retrieval_attention(
     return out, positions
 
 
+class Recall(NamedTuple):
+    """`recall_at_k`'s result: the share of the exact top-k keys kept, and of their softmax mass."""
+
+    plain: float
+    weighted: float
+
+
 def recall_at_k(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -253,16 +260,15 @@ def recall_at_k(
     options: Mapping[str, Any],
     n_queries: int = 512,
     seed: int = 0,
-    weighted: bool = False,
-) -> float:
+) -> Recall:
     """Recall@k of the faiss selection against exact top-k, causal, no sinks or window.
 
     Shapes as in `retrieval_attention` (no mask). Averaged over `n_queries` query positions drawn
     (fixed seed) among those whose block searches an approximate index (for ivf, once it holds its
     39 * nlist training keys): a diagnostic of the index, not inflated by exactly scored blocks.
-    Returns the share of each query's exact top-k keys that the faiss selection kept; with
-    `weighted`, the share of their softmax mass (scale d^-1/2) instead, so that a missed key counts
-    by its attention weight (a missed top-1 key can cost more than many missed tail keys).
+    Returns `Recall(plain, weighted)`: the share of each query's exact top-k keys that the faiss
+    selection kept, and the share of their softmax mass (scale d^-1/2), where a missed key counts by
+    its attention weight (a missed top-1 key can cost more than many missed tail keys).
     """
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
@@ -282,7 +288,5 @@ def recall_at_k(
         sel = kept[:, :, rows]  # (B, Hq, R, width)
         hits = (exact.unsqueeze(-1) == sel.unsqueeze(-2)).any(-1)  # (B, Hq, R, k)
         valid = torch.gather(s, -1, exact) > -math.inf  # queries with fewer than k keys
-        if weighted:
-            p = torch.softmax(s * d**-0.5, -1).gather(-1, exact)  # (B, Hq, R, k)
-            return float((p * hits).sum() / p.sum())
-    return float(hits[valid].float().mean())
+        p = torch.softmax(s * d**-0.5, -1).gather(-1, exact)  # (B, Hq, R, k), 0 where not valid
+    return Recall(float(hits[valid].float().mean()), float((p * hits).sum() / p.sum()))
