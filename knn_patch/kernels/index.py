@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .select import ivf_topk, scores_topk
+from .select import extension_available, ivf_topk, scores_topk
 
 logger = logging.getLogger("knn_patch")
 
@@ -246,7 +246,8 @@ class KeyIndex:
     def _compiled_search(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Scores and faiss ids (R, k) of queries x (R, D) by the compiled selection kernels, the
         same results as `index.search` up to float rounding; None where faiss's search serves:
-        hnsw, GPU indexes, and IVF lists that would get under `GROUPED_MIN_QUERIES` queries each.
+        hnsw, GPU indexes, IVF lists that would get under `GROUPED_MIN_QUERIES` queries each, and
+        IVF without the compiled extension.
 
         A flat index's vectors are scored like the `topk` backend's keys (`scores_topk`; faiss's
         flat search took ~3.5x longer in a profile of the 32k growth run). An IVF index picks each
@@ -258,7 +259,7 @@ class KeyIndex:
             vals, ids, _ = scores_topk(x[None], _flat_vectors(self.index)[None], k)
             return vals, torch.where(vals > -math.inf, ids, -1)
         nprobe = self.index.nprobe
-        if x.shape[0] * nprobe < GROUPED_MIN_QUERIES * self.nlist:
+        if x.shape[0] * nprobe < GROUPED_MIN_QUERIES * self.nlist or not extension_available():
             return None
         if self._lists is None:
             inv, lists = self.index.invlists, range(self.nlist)

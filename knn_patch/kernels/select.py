@@ -123,12 +123,9 @@ def scores_topk(
 
 def ivf_topk(
     query: torch.Tensor, probes: torch.Tensor, lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k inner products (values, faiss ids), each (R, k), of queries (R, D) over the IVF lists
     `probes` (R, P) names, every list scored once for all the queries probing it; `lists` holds
     the (nlist,) int64 tables of each list's vector pointer, id pointer and size (`KeyIndex`).
-    None without the compiled extension: the caller then uses faiss's own search."""
-    ext = extension()
-    if ext is None:
-        return None
-    return ext.ivf_topk(query.contiguous(), probes.contiguous(), *lists, k)
+    Compiled only: callers check `extension_available()` first and otherwise use faiss's own search."""
+    return extension().ivf_topk(query.contiguous(), probes.contiguous(), *lists, k)
