@@ -20,7 +20,8 @@ def capture_activations(
 ) -> dict[int, dict[str, torch.Tensor]]:
     """layer index -> {"q", "k", "v"}, fp32 copies (B, H, L, D; after RoPE, before the GQA repeat),
     for `layers` (all by default). Recorded layers attend densely (SDPA), so every layer sees the
-    dense model's activations. Pass a base model (`model.model`) to skip the LM head."""
+    dense model's activations. Pass a base model (`model.model`) to skip the LM head and, when
+    `layers` are given, the decoder layers after the last of them."""
     captured: dict[int, dict[str, torch.Tensor]] = {}
 
     def capture(
@@ -35,6 +36,16 @@ def capture_activations(
         )
 
     register_backend("capture", capture)
-    with torch.no_grad(), patched(model, backend="capture", layers=None if layers is None else list(layers)):
-        model(input_ids=input_ids)
+    layers = None if layers is None else list(layers)
+    # layers after the last recorded one cannot change it: a base model stops there (restored after)
+    stack = getattr(model, "layers", None)
+    cut = layers is not None and isinstance(stack, torch.nn.ModuleList)
+    if cut:
+        model.layers = stack[: max(layers) + 1]
+    try:
+        with torch.no_grad(), patched(model, backend="capture", layers=layers):
+            model(input_ids=input_ids)
+    finally:
+        if cut:
+            model.layers = stack
     return captured

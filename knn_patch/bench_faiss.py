@@ -95,7 +95,6 @@ def real_inputs(n: int, layer: int = 3) -> tuple[torch.Tensor, ...]:
     from .loading import load_default
 
     model, tokenizer = load_default()
-    model.model.layers = model.model.layers[: layer + 1]  # later layers do not change this one
     act = capture_activations(model.model, corpus_ids(tokenizer, n), [layer])[layer]
     return act["q"], act["k"], act["v"]
 
@@ -175,10 +174,14 @@ def real_recall(
     if ids.shape[1] < n:
         path = max(speeches, key=lambda p: p.stat().st_size)
         ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids
-    ids = ids[:, :n]
-    model.model.layers = model.model.layers[: max(layers) + 1]  # later layers do not change these
-    captured = capture_activations(model.model, ids, layers)
-    out: dict = {"document": path.name, "tokens": ids.shape[1], "k": k, "recall": {}, "mass_recall": {}}
+    captured = capture_activations(model.model, ids[:, :n], layers)
+    out: dict = {
+        "document": path.name,
+        "tokens": min(n, ids.shape[1]),
+        "k": k,
+        "recall": {},
+        "mass_recall": {},
+    }
     for index in ("ivf", "hnsw"):
         opts = validate_index_options({**(options or {}), "index": index})
         found = {

@@ -38,6 +38,20 @@ def test_activation_error_is_zero_when_the_budget_covers_every_key():
         assert r["topk_error"] < 1e-5 and r["tail_error"] < 1e-5
 
 
+def test_capturing_chosen_layers_of_a_base_model_stops_after_the_last_and_restores_it(monkeypatch):
+    model = tiny_model("llama")
+    ids = torch.arange(3, 27).view(1, 24)
+    everything = capture_activations(model, ids)
+    ran = []
+    last = model.model.layers[-1]
+    monkeypatch.setattr(last, "forward", lambda *a, **k: ran.append(1) or type(last).forward(last, *a, **k))
+    first = capture_activations(model.model, ids, layers=iter([0]))  # any iterable
+    assert set(first) == {0} and not ran, "layer 1 was run although only layer 0 is recorded"
+    assert len(model.model.layers) == 2
+    for name in ("q", "k", "v"):
+        torch.testing.assert_close(first[0][name], everything[0][name])
+
+
 def test_gradient_error_slope_is_about_minus_one_half():
     res = approximation.gradient_errors(
         n=32, heads=1, head_dim=8, k=4, samples=(16, 256, 4096), seeds=2, progress=False

@@ -209,7 +209,6 @@ def smollm_activations():
     text = max(sorted(bundled_corpus_dir().glob("*.txt"))[:40], key=lambda p: p.stat().st_size).read_text()
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :4096]
     assert ids.shape[1] == 4096
-    model.model.layers = model.model.layers[:11]  # later layers do not change layers 3 and 10
     return capture_activations(model.model, ids, layers=[3, 10])
 
 
