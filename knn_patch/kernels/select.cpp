@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -35,9 +36,10 @@ namespace {
 using Entry = std::pair<float, int64_t>;
 
 // "a ranks above b": larger score, or equal score and lower index; the order of every selection.
-inline bool ranks_above(const Entry& a, const Entry& b) {
+// (An object, not a function: the sorts inline it.)
+constexpr auto ranks_above = [](const Entry& a, const Entry& b) {
   return a.first > b.first || (a.first == b.first && a.second < b.second);
-}
+};
 
 // acc[0..m) = max(acc, x[0..m)), elementwise.
 inline void max_into(float* acc, const float* x, int64_t m) {
@@ -269,18 +271,83 @@ std::vector<torch::Tensor> tail_sample(torch::Tensor top, torch::Tensor row_end,
 // IndexIVFFlat: the IVF search of many queries at once. faiss's CPU search scans each query's
 // lists on their own, one inner product at a time; attention sends hundreds of queries to each
 // list, so here each list is scored once for all the queries probing it, by small GEMMs (with the
-// probes picked in torch: 2.5x faster than faiss's search at 64k random keys, 1536 queries and
-// nprobe 16; 4.5x at nprobe 64). Two passes:
-//   1. each query's first probes (the best-scored centroids, ceil(P / 8) of them): their scores
-//      are copied into a row per query and selected (select_row): the k best so far, and the
-//      k-th of them as the query's bar;
-//   2. the other probes: only scores above the bar are kept (four are tested at once), and the
-//      bar rises whenever the kept ones are cut back to the best k. The first lists hold most of
-//      a query's top keys, so few scores pass.
+// probes picked in torch). Two passes:
+//   1. each query's best ceil(P / 8) probes set its bar: the key at position t of a list joins
+//      group t mod G (G >= 2k), and the bar is the k-th largest group maximum, so at least k
+//      distinct keys reach it. (Keys of a list are in insertion order, so its best keys spread
+//      over the groups; contiguous groups gave a far lower bar, a list's best keys being alike.)
+//   2. all its probes: only scores above the bar are kept, in a buffer of 16k; a full buffer is
+//      cut back to its best k, whose k-th score becomes the bar. Most scores fall below the bar,
+//      and are skipped 16 at a time.
+// (A bar from the exact top-k of the first probes cost more to select than the second pass saved.)
 //   q (R, D) float32; probes (R, P) int64 list numbers, best first, -1 for none; codes, ids,
 //   sizes (nlist,) int64: each list's vectors (a float32 (size, D) array), ids (int64) and size,
 //   read from the index's ArrayInvertedLists, and valid until the index is next added to.
 // Returns values (R, k) and ids (R, k), in no particular order, (-inf, -1) in unfilled slots.
+namespace {
+
+// Row r's kept entries (vals, ids, *count, its bar): cut back to its k best (in ranks_above's
+// order), the k-th of which becomes the bar. Needs *count >= k.
+void cut_to_k(float* vals, int64_t* ids, int64_t* count, float* bar, int64_t k, std::vector<float>& tmp,
+              std::vector<int64_t>& ties) {
+  const int64_t n = *count;
+  tmp.assign(vals, vals + n);
+  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<float>());
+  const float tau = tmp[k - 1];
+  int64_t w = 0;
+  ties.clear();
+  for (int64_t t = 0; t < n; ++t) {  // w <= t: each entry is read before it can be overwritten
+    if (vals[t] > tau) {
+      vals[w] = vals[t];
+      ids[w++] = ids[t];
+    } else if (vals[t] == tau) {
+      ties.push_back(ids[t]);
+    }
+  }
+  std::sort(ties.begin(), ties.end());  // among equal scores the lower id ranks above
+  for (int64_t t = 0; w < k; ++t) {
+    vals[w] = tau;
+    ids[w++] = ties[t];
+  }
+  *count = k;
+  *bar = tau;
+}
+
+// The scores s[0..w) above *bar join the row's kept entries with their key ids; at cap entries,
+// they are cut back to the best k.
+void keep_above(const float* s, const int64_t* key_ids, int64_t w, int64_t k, int64_t cap, float* bar, float* vals,
+                int64_t* ids, int64_t* count, std::vector<float>& tmp, std::vector<int64_t>& ties) {
+  float b = *bar;
+  int64_t c = *count;
+  auto offer = [&](int64_t j) {
+    vals[c] = s[j];
+    ids[c] = key_ids[j];
+    if (++c == cap) {
+      cut_to_k(vals, ids, &c, &b, k, tmp, ties);
+    }
+  };
+  int64_t j = 0;
+#if defined(__SSE2__)
+  for (; j + 16 <= w; j += 16) {
+    const __m128 bb = _mm_set1_ps(b);
+    unsigned bits = _mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(s + j), bb)) |
+                    _mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(s + j + 4), bb)) << 4 |
+                    _mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(s + j + 8), bb)) << 8 |
+                    _mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(s + j + 12), bb)) << 12;
+    for (; bits; bits &= bits - 1) {
+      const int64_t t = j + __builtin_ctz(bits);
+      if (s[t] > b) offer(t);  // a cut inside this group may have raised the bar
+    }
+  }
+#endif
+  for (; j < w; ++j)
+    if (s[j] > b) offer(j);
+  *bar = b;
+  *count = c;
+}
+
+}  // namespace
+
 std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch::Tensor codes, torch::Tensor ids,
                                     torch::Tensor sizes, int64_t k) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kFloat32,
@@ -300,36 +367,39 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch
   float* ov = out_v.data_ptr<float>();
   int64_t* oi = out_i.data_ptr<int64_t>();
   auto list_size = [&](int64_t l) { return l >= 0 ? size[l] : int64_t{0}; };
-  auto list_ids = [&](int64_t l) { return reinterpret_cast<const int64_t*>(id_ptr[l]); };
   constexpr int64_t kRowTile = 128, kColTile = 512;
   const int64_t cap = 16 * k;  // kept entries per query before a cut back to k
+  const int64_t groups = (2 * k + 15) / 16 * 16;  // G of pass 1
   // Threads take disjoint query chunks; a chunk holds enough queries that every list it probes
   // is scored by one GEMM of many rows.
   const int64_t chunk = std::max<int64_t>(256, (rows + at::get_num_threads() - 1) / at::get_num_threads());
   at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
     at::NoGradGuard no_grad;
-    Workspace ws;
-    std::vector<float> qbuf(kRowTile * dim), sbuf(kRowTile * kColTile), row_scores;
-    std::vector<int64_t> col_ids(k), start(nlist + 1), by_list;
+    std::vector<float> qbuf(kRowTile * dim), sbuf(kRowTile * kColTile), vals(chunk * cap), bar(chunk),
+        gmax(chunk * groups);
+    std::vector<int64_t> kept_ids(chunk * cap), count(chunk), start(nlist + 1), fill(nlist), by_list;
+    std::vector<float> tmp;
+    std::vector<int64_t> ties;
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t r0 = c * chunk, r1 = std::min(rows, r0 + chunk), nr = r1 - r0;
-      const int64_t* cp = pr + r0 * nprobe;  // the chunk's probes; pair a = (r - r0) * nprobe + p
-      // Score every pair (r, p) with p in [p0, p1), list by list; on_row(a, scores, w, j0) gets
-      // the scores of pair a's list keys j0 .. j0 + w - 1.
-      auto score_pairs = [&](int64_t p0, int64_t p1, auto&& on_row) {
+      const int64_t r0 = c * chunk, nr = std::min(rows, r0 + chunk) - r0;
+      const int64_t* cp = pr + r0 * nprobe;  // the chunk's probes; pair a = r * nprobe + p
+      // Score every pair (r, p) with p in [p0, p1), list by list: on_tile(a, s, w, j0, key_ids)
+      // gets the scores s[0..w) of pair a's list keys j0 .. j0 + w - 1, and their ids.
+      auto scan = [&](int64_t p0, int64_t p1, auto&& on_tile) {
         std::fill(start.begin(), start.end(), 0);
         by_list.resize(nr * (p1 - p0));
         for (int64_t r = 0; r < nr; ++r)
           for (int64_t p = p0; p < p1; ++p)
             if (cp[r * nprobe + p] >= 0) ++start[cp[r * nprobe + p] + 1];
         for (int64_t l = 0; l < nlist; ++l) start[l + 1] += start[l];
-        std::vector<int64_t> fill(start.begin(), start.end() - 1);
+        std::copy(start.begin(), start.end() - 1, fill.begin());
         for (int64_t r = 0; r < nr; ++r)
           for (int64_t p = p0; p < p1; ++p)
             if (cp[r * nprobe + p] >= 0) by_list[fill[cp[r * nprobe + p]]++] = r * nprobe + p;
         for (int64_t l = 0; l < nlist; ++l) {
           const int64_t n = size[l];
           auto* keys = reinterpret_cast<float*>(code_ptr[l]);
+          const auto* key_ids = reinterpret_cast<const int64_t*>(id_ptr[l]);
           for (int64_t a = start[l]; a < start[l + 1] && n > 0; a += kRowTile) {
             const int64_t m = std::min(kRowTile, start[l + 1] - a);
             for (int64_t i = 0; i < m; ++i)
@@ -339,74 +409,37 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch
               const int64_t w = std::min(kColTile, n - j0);
               auto s = torch::from_blob(sbuf.data(), {m, w}, q.options());
               at::mm_out(s, qt, torch::from_blob(keys + j0 * dim, {w, dim}, q.options()).t());
-              for (int64_t i = 0; i < m; ++i) on_row(by_list[a + i], sbuf.data() + i * w, w, j0);
+              for (int64_t i = 0; i < m; ++i) on_tile(by_list[a + i], sbuf.data() + i * w, w, j0, key_ids + j0);
             }
           }
         }
       };
 
-      // pass 1: row r's first probes fill columns col[r * (first + 1) + p] onwards of row_scores
-      std::vector<int64_t> col(nr * (first + 1) + 1, 0);
-      for (int64_t r = 0, at = 0; r < nr; ++r) {
-        for (int64_t p = 0; p <= first; ++p) {
-          col[r * (first + 1) + p] = at;
-          if (p < first) at += list_size(cp[r * nprobe + p]);
+      // pass 1
+      std::fill(gmax.begin(), gmax.end(), -std::numeric_limits<float>::infinity());
+      scan(0, first, [&](int64_t a, const float* s, int64_t w, int64_t j0, const int64_t*) {
+        float* g = gmax.data() + (a / nprobe) * groups;
+        for (int64_t t = 0; t < w;) {  // key j0 + t of the list joins group (j0 + t) mod G
+          const int64_t at = (j0 + t) % groups, n = std::min(groups - at, w - t);
+          max_into(g + at, s + t, n);
+          t += n;
         }
-        col[nr * (first + 1)] = at;
-      }
-      row_scores.resize(col[nr * (first + 1)]);
-      score_pairs(0, first, [&](int64_t a, const float* s, int64_t w, int64_t j0) {
-        std::copy_n(s, w, row_scores.data() + col[(a / nprobe) * (first + 1) + a % nprobe] + j0);
       });
-      std::vector<std::vector<Entry>> kept(nr);
-      std::vector<float> bar(nr, -std::numeric_limits<float>::infinity());
-      std::vector<float> vals(k);
       for (int64_t r = 0; r < nr; ++r) {
-        const int64_t* pc = col.data() + r * (first + 1);  // pc[0] .. pc[first]: the row's stretch
-        std::fill(vals.begin(), vals.end(), -std::numeric_limits<float>::infinity());
-        select_row(row_scores.data() + pc[0], pc[first] - pc[0], k, vals.data(), col_ids.data(), ws, false);
-        for (int64_t t = 0; t < k && vals[t] != -std::numeric_limits<float>::infinity(); ++t) {
-          const int64_t at = pc[0] + col_ids[t];
-          const int64_t p = std::upper_bound(pc, pc + first + 1, at) - pc - 1;
-          kept[r].emplace_back(vals[t], list_ids(cp[r * nprobe + p])[at - pc[p]]);
-        }
-        if (static_cast<int64_t>(kept[r].size()) == k)
-          bar[r] = std::min_element(kept[r].begin(), kept[r].end())->first;
+        float* g = gmax.data() + r * groups;
+        std::nth_element(g, g + (k - 1), g + groups, std::greater<float>());
+        bar[r] = std::nextafter(g[k - 1], -std::numeric_limits<float>::infinity());  // keeps the k-th itself
+        count[r] = 0;
       }
-
-      // pass 2: the other probes, scores above the bar only
-      score_pairs(first, nprobe, [&](int64_t a, const float* s, int64_t w, int64_t j0) {
+      // pass 2
+      scan(0, nprobe, [&](int64_t a, const float* s, int64_t w, int64_t, const int64_t* key_ids) {
         const int64_t r = a / nprobe;
-        const int64_t* key_ids = list_ids(cp[a]) + j0;
-        std::vector<Entry>& mine = kept[r];
-        float& b = bar[r];
-        int64_t j = 0;
-        auto offer = [&](int64_t jj) {
-          if (!(s[jj] > b)) return;
-          mine.emplace_back(s[jj], key_ids[jj]);
-          if (static_cast<int64_t>(mine.size()) == cap) {  // keep the k best; the k-th is the new bar
-            std::nth_element(mine.begin(), mine.begin() + (k - 1), mine.end(), ranks_above);
-            mine.resize(k);
-            b = mine[k - 1].first;
-          }
-        };
-#if defined(__SSE2__)
-        for (; j + 4 <= w; j += 4) {
-          if (_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(s + j), _mm_set1_ps(b))) == 0) continue;
-          for (int64_t t = j; t < j + 4; ++t) offer(t);
-        }
-#endif
-        for (; j < w; ++j) offer(j);
+        keep_above(s, key_ids, w, k, cap, &bar[r], vals.data() + r * cap, kept_ids.data() + r * cap, &count[r], tmp, ties);
       });
       for (int64_t r = 0; r < nr; ++r) {
-        std::vector<Entry>& mine = kept[r];
-        const int64_t take = std::min<int64_t>(k, mine.size());
-        if (take < static_cast<int64_t>(mine.size()))
-          std::nth_element(mine.begin(), mine.begin() + (take - 1), mine.end(), ranks_above);
-        for (int64_t t = 0; t < take; ++t) {
-          ov[(r0 + r) * k + t] = mine[t].first;
-          oi[(r0 + r) * k + t] = mine[t].second;
-        }
+        if (count[r] > k) cut_to_k(vals.data() + r * cap, kept_ids.data() + r * cap, &count[r], &bar[r], k, tmp, ties);
+        std::copy_n(vals.data() + r * cap, count[r], ov + (r0 + r) * k);
+        std::copy_n(kept_ids.data() + r * cap, count[r], oi + (r0 + r) * k);
       }
     }
   });
