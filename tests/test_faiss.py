@@ -1,6 +1,7 @@
 """The faiss backend: flat equals exact top-k, k >= n equals dense, real-activation recall, bad input."""
 
 import logging
+import math
 import sys
 
 import pytest
@@ -13,7 +14,7 @@ from knn_patch.activations import capture_activations
 from knn_patch.kernels import index as index_module
 from knn_patch.kernels import retrieval as retrieval_module
 from knn_patch.kernels import select as select_module
-from knn_patch.kernels.index import resolve_nlist, validate_index_options
+from knn_patch.kernels.index import faiss_module, resolve_nlist, validate_index_options
 from knn_patch.kernels.retrieval import recall_at_k, retrieval_attention
 from knn_patch.kernels.topk import topk_attention
 
@@ -137,15 +138,36 @@ def test_weighted_recall_counts_missed_keys_by_attention_weight():
     assert plain < 1.0 and 0.0 < weighted < 1.0 and weighted != pytest.approx(plain)
 
 
-def filled_index(kind, n=2000, d=16, nlist=8, nprobe=3):
+def filled_index(kind, n=2000, d=16, nlist=8, nprobe=3, **extra):
     """A KeyIndex of n seeded random keys; ivf with `nlist` lists (trained once 39 * nlist are in)."""
     torch.manual_seed(0)
     keys = torch.randn(n, d)
-    options = validate_index_options({"index": kind, "nlist": nlist, "nprobe": nprobe})
+    options = validate_index_options({"index": kind, "nlist": nlist, "nprobe": nprobe, **extra})
     index = index_module.KeyIndex(d, options=options, n_hint=n, norm_hint=1.0, device=torch.device("cpu"))
     for chunk in keys.split(300):  # grown in several adds, as the backend grows it
         index.add(chunk)
     return index
+
+
+def test_ivf_keys_sit_at_their_nearest_l2_centroid_and_the_ivf_retrains_as_keys_grow():
+    """Keys join the list of their nearest centroid in L2 (not faiss's largest inner product), and
+    the IVF retrains whenever its keys have grown `retrain_growth` times: here last at its final
+    add of 2000 keys. Every key survives the retrainings, under its own id."""
+    index = filled_index("ivf")
+    torch.manual_seed(0)
+    keys = torch.randn(2000, 16)  # filled_index's keys
+    assert index.train_at == math.ceil(index_module.DEFAULTS["retrain_growth"] * 2000)
+    stored = torch.from_numpy(index._stored_vectors())
+    assert torch.equal(stored, keys)
+    list_of = torch.empty(2000, dtype=torch.long)
+    inv = index.index.invlists
+    for i in range(index.nlist):
+        list_of[torch.from_numpy(faiss_module().rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).copy())] = i
+    assert torch.equal(list_of, torch.cdist(keys, index._centroids).argmin(-1))
+
+    once = filled_index("ivf", retrain_growth=None)  # trained once, at 39 * 8 keys (its second add)
+    assert once.train_at == math.inf
+    assert not torch.equal(once._centroids, index._centroids)
 
 
 @pytest.mark.parametrize(("kind", "k", "nprobe"), [("flat", 10, 3), ("ivf", 10, 3), ("ivf", 500, 2)])
@@ -241,6 +263,8 @@ def test_missing_faiss_names_the_install_command(monkeypatch):
         ({"nprobe": -3}, r"'nprobe'.*>= 1"),
         ({"nlist": 0}, r"'nlist'.*>= 1 or None"),
         ({"block_size": 2.5}, r"'block_size'"),
+        ({"retrain_growth": 1}, r"'retrain_growth'.*number > 1, or None"),
+        ({"retrain_growth": "2"}, r"'retrain_growth'.*number > 1, or None"),
         ({"n_probe": 4}, r"Unknown faiss backend_options \['n_probe'\]"),
     ],
 )

@@ -10,6 +10,15 @@ Index types (`index` option):
   the first `39 * nlist` keys (faiss's minimum of 39 training points per list); until that many
   keys exist, an exact flat index serves the searches. `nlist` defaults to ceil(sqrt(n)) for n
   keys and is capped at max(1, n // 39); an explicit `nlist` above the cap is lowered, with a warning.
+  Two departures from faiss's IVF, both for how real keys lie (seen on SmolLM2's layer-3 keys at
+  64k tokens; `knn-patch faiss-bench growth --inputs real` times the result):
+  * keys join the list of their nearest centroid in L2 (L2 k-means centroids), while queries still
+    probe the lists of their largest centroid inner products. faiss's inner-product assignment sent
+    keys to the largest-norm centroids: a third of all keys sat in one list, which most queries
+    probed.
+  * RoPE turns keys with position, so centroids trained on the first keys fit later keys badly: the
+    IVF is retrained on keys spread evenly over all those so far, and its keys reassigned, whenever
+    they have grown `retrain_growth` times (None: never) since the last training.
 - "hnsw": `IndexHNSWFlat` over the L2 reduction of inner-product search (each key gets an extra
   coordinate sqrt(R^2 - |k|^2), each query a 0, so the nearest in L2 are the largest in inner
   product): an HNSW graph built on raw inner products reached recall@32 of only 0.40-0.80 on some
@@ -42,6 +51,8 @@ logger = logging.getLogger("knn_patch")
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 TRAIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per IVF list
+KMEANS_ITERATIONS = 10  # a first training; a retraining starts from the last centroids and runs half as many
+KMEANS_SEED = 1234
 NORM_MARGIN = 1.25  # HNSW's L2 reduction radius over the largest key norm seen at creation
 # IVF searches whose lists get at least this many queries each, on average, score every list once
 # for all of them (`KeyIndex._compiled_search`); with fewer (decode steps) the GEMMs would be a row
@@ -58,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "ef_construction": 40,
     "block_size": 512,
     "sync_every": 64,  # keys join an index in batches; the newest (< sync_every) are scored exactly
+    "retrain_growth": 1.25,  # an IVF retrains when its keys have grown this many times; None: never
 }
 
 
@@ -102,6 +114,12 @@ def validate_index_options(options: Mapping[str, Any]) -> dict[str, Any]:
     for name in ("nprobe", "hnsw_m", "ef_search", "ef_construction", "block_size", "sync_every"):
         _positive_int(merged, name)
     _positive_int(merged, "nlist", allow_none=True)
+    growth = merged["retrain_growth"]
+    if growth is not None and (type(growth) not in (int, float) or not growth > 1):
+        raise ValueError(
+            f"KNNConfig.backend_options['retrain_growth']={growth!r} is invalid: use a number > 1, or None "
+            "to train an IVF once."
+        )
     return merged
 
 
@@ -169,19 +187,26 @@ class KeyIndex:
         self.seen = 0  # sequence positions consumed by `add` (valid or not)
         self.positions = np.zeros(0, dtype=np.int64)  # faiss id -> sequence position
         self.trained = self.kind != "ivf"
+        # the key count at which the IVF (re)trains next
+        self.train_at = TRAIN_POINTS_PER_LIST * self.nlist if self.kind == "ivf" else math.inf
         self.index = self._new(self.kind if self.trained else "flat")
         self._lists: tuple[torch.Tensor, ...] | None = None  # the lists' pointer tables, until the next add
 
-    def _new(self, kind: str):
+    def _new(self, kind: str, centroids: np.ndarray | None = None):
         faiss = self.faiss
         if kind == "flat":
             index = faiss.IndexFlatIP(self.dim)
         elif kind == "hnsw":
             index = faiss.IndexHNSWFlat(self.dim + 1, self.options["hnsw_m"])  # L2 on (k, sqrt(R^2 - |k|^2))
             index.hnsw.efConstruction = self.options["ef_construction"]
-        else:
+        else:  # probed by inner product with the given centroids, already trained
             self._quantizer = faiss.IndexFlatIP(self.dim)  # the IVF index does not own it: keep it alive
+            self._quantizer.add(centroids)
             index = faiss.IndexIVFFlat(self._quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+            index.is_trained = True
+            index.nprobe = min(self.options["nprobe"], self.nlist)  # an attribute: CPU and GPU IVF alike
+            self._centroids = torch.from_numpy(centroids)
+            self._centroid_sq = self._centroids.square().sum(-1)
         if self.gpu is not None:
             index = faiss.index_cpu_to_gpu(self.gpu, self.device_id, index)
         return index
@@ -200,11 +225,20 @@ class KeyIndex:
         self.seen += keys.shape[0]
         if len(pos) == 0:
             return
-        self.index.add(self._lift(x, keys=True))
-        self._lists = None  # an add may move a list's storage
+        self._add_vectors(self._lift(x, keys=True))
         self.positions = np.concatenate([self.positions, pos])
-        if not self.trained and self.ntotal >= TRAIN_POINTS_PER_LIST * self.nlist:
+        if self.ntotal >= self.train_at:
             self._train_ivf()
+
+    def _add_vectors(self, xb: np.ndarray) -> None:
+        """Append vectors (L, d) to the index; a CPU IVF puts each in the list of its nearest centroid
+        in L2 (see the module docstring); a GPU IVF leaves that to faiss (inner product)."""
+        self._lists = None  # an add may move a list's storage
+        if self.kind != "ivf" or not self.trained or self.gpu is not None:
+            self.index.add(xb)
+            return
+        lists = (self._centroid_sq - 2 * torch.from_numpy(xb) @ self._centroids.T).argmin(-1).numpy()
+        self.index.add_core(len(xb), self.faiss.swig_ptr(xb), None, self.faiss.swig_ptr(lists))
 
     def _lift(self, x: torch.Tensor, *, keys: bool) -> np.ndarray:
         """(R, D) fp32 CPU -> the array faiss gets: HNSW adds the L2-reduction coordinate."""
@@ -214,13 +248,32 @@ class KeyIndex:
         return np.ascontiguousarray(x.numpy())
 
     def _train_ivf(self) -> None:
-        """Replace the interim flat index by an IVF trained on (and holding) the keys so far."""
-        xb = self.index.reconstruct_n(0, self.ntotal)
-        self.index = self._new("ivf")
-        self.index.train(xb)
-        self.index.add(xb)
-        self.index.nprobe = min(self.options["nprobe"], self.nlist)  # an attribute: CPU and GPU IVF alike
+        """Replace the index by an IVF whose L2 k-means centroids are trained on `39 * nlist` keys
+        spread evenly over those so far (starting from the last centroids, when retraining), and
+        that holds them all."""
+        xb = self._stored_vectors()
+        sample = xb[np.linspace(0, len(xb) - 1, TRAIN_POINTS_PER_LIST * self.nlist).round().astype(np.int64)]
+        niter = KMEANS_ITERATIONS // 2 if self.trained else KMEANS_ITERATIONS
+        kmeans = self.faiss.Kmeans(self.dim, self.nlist, niter=niter, seed=KMEANS_SEED)
+        kmeans.train(sample, init_centroids=self._centroids.numpy() if self.trained else None)
+        self.index = self._new("ivf", kmeans.centroids)
         self.trained = True
+        self._add_vectors(xb)
+        growth = self.options["retrain_growth"]
+        self.train_at = math.inf if growth is None else math.ceil(growth * len(xb))
+
+    def _stored_vectors(self) -> np.ndarray:
+        """Every vector the index holds (ntotal, d), in id order (a copy)."""
+        index = self.index if self.gpu is None else self.faiss.index_gpu_to_cpu(self.index)
+        if not self.trained:
+            return index.reconstruct_n(0, index.ntotal)
+        out = np.empty((index.ntotal, self.dim), dtype=np.float32)
+        inv, rev = index.invlists, self.faiss.rev_swig_ptr
+        for i in range(self.nlist):
+            if n := inv.list_size(i):
+                codes = rev(inv.get_codes(i), n * self.dim * 4).view(np.float32)
+                out[rev(inv.get_ids(i), n)] = codes.reshape(n, self.dim)
+        return out
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Positions (R, min(k, ntotal)) of the largest inner products with queries (R, D), -1 pads,
