@@ -157,12 +157,17 @@ def run_growth(
 
 
 def real_recall(
-    n: int = 4096, layers: tuple[int, ...] = (3, 10), k: int = 32, options: dict | None = None
+    n: int = 4096,
+    layers: tuple[int, ...] = (3, 10),
+    k: int = 32,
+    options: dict | None = None,
+    sink_tokens: int = 0,
 ) -> dict:
     """Recall@k of ivf and hnsw (default settings unless `options`) on post-RoPE queries/keys of the
     embedded default's `layers` over the first n tokens of the longest of the first 40 bundled
     speeches, or of the longest speech of all when that one is shorter than n tokens; also the
-    attention-weighted recall (`Recall.weighted`), under "mass_recall"."""
+    attention-weighted recall (`Recall.weighted`), under "mass_recall". With `sink_tokens`, the
+    first keys are sinks, as in the backend (see `recall_at_k`)."""
     from .activations import capture_activations
     from .assets import bundled_corpus_dir
     from .loading import load_default
@@ -179,13 +184,14 @@ def real_recall(
         "document": path.name,
         "tokens": min(n, ids.shape[1]),
         "k": k,
+        "sink_tokens": sink_tokens,
         "recall": {},
         "mass_recall": {},
     }
     for index in ("ivf", "hnsw"):
         opts = validate_index_options({**(options or {}), "index": index})
         found = {
-            layer: recall_at_k(act["q"], act["k"], k=k, options=opts, n_queries=256)
+            layer: recall_at_k(act["q"], act["k"], k=k, options=opts, n_queries=256, sink_tokens=sink_tokens)
             for layer, act in captured.items()
         }
         out["recall"][index] = {layer: r.plain for layer, r in found.items()}
@@ -336,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--layer", type=int, default=3, help="growth --inputs real: the layer captured")
     p.add_argument("--layers", type=int, nargs="+", default=[3, 10], help="recall: the layers measured")
+    p.add_argument("--sink-tokens", type=int, default=0, help="recall: first keys kept as sinks")
     p.add_argument("--nlist", type=int, default=None, help="growth, recall: IVF lists (default √n)")
     p.add_argument(
         "--nprobe",
@@ -387,7 +394,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         _print_decode(result)
     else:
-        result = real_recall(args.tokens, layers=tuple(args.layers), k=args.k, options=ivf)
+        result = real_recall(
+            args.tokens, layers=tuple(args.layers), k=args.k, options=ivf, sink_tokens=args.sink_tokens
+        )
         print(result)
     result.update(args=vars(args), machine=machine_info())
     path = write_json_atomic(out / f"{args.what}.json", result)

@@ -138,6 +138,21 @@ def test_weighted_recall_counts_missed_keys_by_attention_weight():
     assert plain < 1.0 and 0.0 < weighted < 1.0 and weighted != pytest.approx(plain)
 
 
+def test_recall_with_sinks_is_over_the_indexed_keys():
+    """With sinks the exact top-k is taken among the other keys, as the backend sees them: sinks
+    that hold most of the attention mass count in the weights, not as kept top-k keys."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 800, 16) + 2, torch.randn(1, 1, 800, 16)
+    k[:, :, :4] = 4.0  # four keys every query attends to most: sinks
+    flat = validate_index_options({"index": "flat", "block_size": 64})
+    assert recall_at_k(q, k, k=8, options=flat, n_queries=64, sink_tokens=4) == pytest.approx((1.0, 1.0))
+    ivf = validate_index_options({"index": "ivf", "block_size": 64, "nlist": 8, "nprobe": 1})
+    indexed = recall_at_k(q, k, k=8, options=ivf, n_queries=64)  # the four heavy keys are found
+    sinks = recall_at_k(q, k, k=8, options=ivf, n_queries=64, sink_tokens=4)
+    assert indexed.weighted > 0.99 > sinks.weighted
+    assert sinks.plain < 1.0
+
+
 def filled_index(kind, n=2000, d=16, nlist=8, nprobe=3, **extra):
     """A KeyIndex of n seeded random keys; ivf with `nlist` lists (trained once 39 * nlist are in)."""
     torch.manual_seed(0)

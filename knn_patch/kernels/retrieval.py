@@ -260,8 +260,9 @@ def recall_at_k(
     options: Mapping[str, Any],
     n_queries: int = 512,
     seed: int = 0,
+    sink_tokens: int = 0,
 ) -> Recall:
-    """Recall@k of the faiss selection against exact top-k, causal, no sinks or window.
+    """Recall@k of the faiss selection against exact top-k, causal, no window.
 
     Shapes as in `retrieval_attention` (no mask). Averaged over `n_queries` query positions drawn
     (fixed seed) among those whose block searches an approximate index (for ivf, once it holds its
@@ -269,24 +270,31 @@ def recall_at_k(
     Returns `Recall(plain, weighted)`: the share of each query's exact top-k keys that the faiss
     selection kept, and the share of their softmax mass (scale d^-1/2), where a missed key counts by
     its attention weight (a missed top-1 key can cost more than many missed tail keys).
+    With `sink_tokens`, the first keys are sinks as in the backend (always kept, never indexed):
+    the exact top-k is then taken among the other keys, while the softmax weights still span all.
     """
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     offset, bs = lk - lq, options["block_size"]
     needed = TRAIN_POINTS_PER_LIST * resolve_nlist(options["nlist"], lk) if options["index"] == "ivf" else 1
+    needed += sink_tokens  # the sinks are never indexed
     first = max(bs, -(-(needed - offset) // bs) * bs)  # the first block start with that many keys before it
     if lq <= first:
         raise ValueError(f"No query of these {lq} searches an approximate index; use a longer sequence.")
     with torch.no_grad():
-        _, kept = retrieval_attention(query, key, key, k=k, options=options, return_positions=True)
+        _, kept = retrieval_attention(
+            query, key, key, k=k, options=options, sink_tokens=sink_tokens, return_positions=True
+        )
         gen = torch.Generator().manual_seed(seed)
         rows = first + torch.randperm(lq - first, generator=gen)[:n_queries].sort().values  # (R,)
         q = query[:, :, rows].float().view(b, hkv, hq // hkv * len(rows), d)  # (B, Hkv, G*R, D)
         s = (q @ key.float().transpose(-1, -2)).view(b, hq, len(rows), lk)  # (B, Hq, R, Lk)
         s.masked_fill_(torch.arange(lk) > (rows + offset).unsqueeze(-1), -math.inf)
+        weights = torch.softmax(s * d**-0.5, -1)  # over every visible key, sinks included
+        s[..., :sink_tokens] = -math.inf  # the top-k is among the indexed keys
         exact = s.topk(min(k, lk), dim=-1).indices  # (B, Hq, R, k)
         sel = kept[:, :, rows]  # (B, Hq, R, width)
         hits = (exact.unsqueeze(-1) == sel.unsqueeze(-2)).any(-1)  # (B, Hq, R, k)
         valid = torch.gather(s, -1, exact) > -math.inf  # queries with fewer than k keys
-        p = torch.softmax(s * d**-0.5, -1).gather(-1, exact)  # (B, Hq, R, k), 0 where not valid
+        p = weights.gather(-1, exact) * valid  # (B, Hq, R, k), 0 where not valid
     return Recall(float(hits[valid].float().mean()), float((p * hits).sum() / p.sum()))
