@@ -14,8 +14,7 @@ Index types (`index` option):
   64k tokens; `knn-patch faiss-bench growth --inputs real` times the result):
   * keys join the list of their nearest centroid in L2 (L2 k-means centroids), while queries still
     probe the lists of their largest centroid inner products. faiss's inner-product assignment sent
-    keys to the largest-norm centroids: a third of all keys sat in one list, which most queries
-    probed.
+    keys to the largest-norm centroids, leaving a few huge lists that most queries probed.
   * RoPE turns keys with position, so centroids trained on the first keys fit later keys badly: the
     IVF is retrained on keys spread evenly over all those so far, and its keys reassigned, whenever
     they have grown `retrain_growth` times (None: never) since the last training.
@@ -31,7 +30,7 @@ Index types (`index` option):
 Searches on CPU with many queries (a full-sequence block) run in the compiled extension instead
 of faiss's search, with the same results: a flat index is scored like the `topk` backend's keys,
 and an IVF index's lists are each scored once for all the queries probing them (`ivf_topk`);
-faiss still trains the IVF, assigns keys to lists and holds them. See `KeyIndex._compiled_search`.
+faiss still holds the lists and serves the other searches. See `KeyIndex._compiled_search`.
 """
 
 from __future__ import annotations
