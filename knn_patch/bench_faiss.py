@@ -370,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     nprobes = args.nprobe or []
     if len(nprobes) > 1 and args.what != "growth":
         p.error("--nprobe takes several values only with growth")
+    if args.sink_tokens < 0:
+        p.error(f"--sink-tokens must be >= 0, not {args.sink_tokens}")
     if len(nprobes) == 1:
         ivf["nprobe"] = nprobes[0]
     several = [f"faiss-ivf-np{n}" for n in nprobes] if len(nprobes) > 1 else ["faiss-ivf"]

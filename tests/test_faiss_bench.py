@@ -33,6 +33,12 @@ def test_several_nprobe_values_are_for_growth_only(capsys):
     assert "only with growth" in capsys.readouterr().err
 
 
+def test_negative_sink_tokens_fail_before_any_model_loads(capsys):
+    with pytest.raises(SystemExit):
+        main(["recall", "--sink-tokens", "-1"])
+    assert "--sink-tokens must be >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_growth_rows_hold_times_recall_and_exponents():
     result = run_growth(
