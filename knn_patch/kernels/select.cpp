@@ -366,7 +366,6 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch
   const int64_t* size = sizes.data_ptr<int64_t>();
   float* ov = out_v.data_ptr<float>();
   int64_t* oi = out_i.data_ptr<int64_t>();
-  auto list_size = [&](int64_t l) { return l >= 0 ? size[l] : int64_t{0}; };
   constexpr int64_t kRowTile = 128, kColTile = 512;
   const int64_t cap = 16 * k;  // kept entries per query before a cut back to k
   const int64_t groups = (2 * k + 15) / 16 * 16;  // G of pass 1
@@ -409,7 +408,8 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch
               const int64_t w = std::min(kColTile, n - j0);
               auto s = torch::from_blob(sbuf.data(), {m, w}, q.options());
               at::mm_out(s, qt, torch::from_blob(keys + j0 * dim, {w, dim}, q.options()).t());
-              for (int64_t i = 0; i < m; ++i) on_tile(by_list[a + i], sbuf.data() + i * w, w, j0, key_ids + j0);
+              for (int64_t i = 0; i < m; ++i)
+                on_tile(by_list[a + i], sbuf.data() + i * w, w, j0, key_ids + j0);
             }
           }
         }
@@ -428,16 +428,18 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch
       for (int64_t r = 0; r < nr; ++r) {
         float* g = gmax.data() + r * groups;
         std::nth_element(g, g + (k - 1), g + groups, std::greater<float>());
-        bar[r] = std::nextafter(g[k - 1], -std::numeric_limits<float>::infinity());  // keeps the k-th itself
+        bar[r] = std::nextafter(g[k - 1], -std::numeric_limits<float>::infinity());  // the k-th itself passes
         count[r] = 0;
       }
       // pass 2
       scan(0, nprobe, [&](int64_t a, const float* s, int64_t w, int64_t, const int64_t* key_ids) {
         const int64_t r = a / nprobe;
-        keep_above(s, key_ids, w, k, cap, &bar[r], vals.data() + r * cap, kept_ids.data() + r * cap, &count[r], tmp, ties);
+        keep_above(s, key_ids, w, k, cap, &bar[r], vals.data() + r * cap, kept_ids.data() + r * cap, &count[r],
+                   tmp, ties);
       });
       for (int64_t r = 0; r < nr; ++r) {
-        if (count[r] > k) cut_to_k(vals.data() + r * cap, kept_ids.data() + r * cap, &count[r], &bar[r], k, tmp, ties);
+        if (count[r] > k)
+          cut_to_k(vals.data() + r * cap, kept_ids.data() + r * cap, &count[r], &bar[r], k, tmp, ties);
         std::copy_n(vals.data() + r * cap, count[r], ov + (r0 + r) * k);
         std::copy_n(kept_ids.data() + r * cap, count[r], oi + (r0 + r) * k);
       }
