@@ -198,14 +198,11 @@ class KeyIndex:
         elif kind == "hnsw":
             index = faiss.IndexHNSWFlat(self.dim + 1, self.options["hnsw_m"])  # L2 on (k, sqrt(R^2 - |k|^2))
             index.hnsw.efConstruction = self.options["ef_construction"]
-        else:  # probed by inner product with the given centroids, already trained
+        else:  # probed by inner product with the given centroids (trained: the quantizer holds nlist)
             self._quantizer = faiss.IndexFlatIP(self.dim)  # the IVF index does not own it: keep it alive
             self._quantizer.add(centroids)
             index = faiss.IndexIVFFlat(self._quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
-            index.is_trained = True
             index.nprobe = min(self.options["nprobe"], self.nlist)  # an attribute: CPU and GPU IVF alike
-            self._centroids = torch.from_numpy(centroids)
-            self._centroid_sq = self._centroids.square().sum(-1)
         if self.gpu is not None:
             index = faiss.index_cpu_to_gpu(self.gpu, self.device_id, index)
         return index
@@ -236,8 +233,12 @@ class KeyIndex:
         if self.kind != "ivf" or not self.trained or self.gpu is not None:
             self.index.add(xb)
             return
-        lists = (self._centroid_sq - 2 * torch.from_numpy(xb) @ self._centroids.T).argmin(-1).numpy()
+        _, lists = self.faiss.knn(xb, self._centroids(), 1)  # nearest centroid in L2, (L, 1)
         self.index.add_core(len(xb), self.faiss.swig_ptr(xb), None, self.faiss.swig_ptr(lists))
+
+    def _centroids(self) -> np.ndarray:
+        """The IVF's centroids (nlist, d), a view of its quantizer's vectors."""
+        return _flat_vectors(self._quantizer).numpy()
 
     def _lift(self, x: torch.Tensor, *, keys: bool) -> np.ndarray:
         """(R, D) fp32 CPU -> the array faiss gets: HNSW adds the L2-reduction coordinate."""
@@ -254,7 +255,7 @@ class KeyIndex:
         sample = xb[np.linspace(0, len(xb) - 1, TRAIN_POINTS_PER_LIST * self.nlist).round().astype(np.int64)]
         niter = KMEANS_ITERATIONS // 2 if self.trained else KMEANS_ITERATIONS
         kmeans = self.faiss.Kmeans(self.dim, self.nlist, niter=niter, seed=KMEANS_SEED)
-        kmeans.train(sample, init_centroids=self._centroids.numpy() if self.trained else None)
+        kmeans.train(sample, init_centroids=self._centroids() if self.trained else None)
         self.index = self._new("ivf", kmeans.centroids)
         self.trained = True
         self._add_vectors(xb)
@@ -262,17 +263,12 @@ class KeyIndex:
         self.train_at = math.inf if growth is None else math.ceil(growth * len(xb))
 
     def _stored_vectors(self) -> np.ndarray:
-        """Every vector the index holds (ntotal, d), in id order (a copy)."""
+        """Every vector the index holds (ntotal, d), in id order (a copy); an IVF gets faiss's
+        id -> list map for it (the index is replaced right after, in `_train_ivf`)."""
         index = self.index if self.gpu is None else self.faiss.index_gpu_to_cpu(self.index)
-        if not self.trained:
-            return index.reconstruct_n(0, index.ntotal)
-        out = np.empty((index.ntotal, self.dim), dtype=np.float32)
-        inv, rev = index.invlists, self.faiss.rev_swig_ptr
-        for i in range(self.nlist):
-            if n := inv.list_size(i):
-                codes = rev(inv.get_codes(i), n * self.dim * 4).view(np.float32)
-                out[rev(inv.get_ids(i), n)] = codes.reshape(n, self.dim)
-        return out
+        if self.trained:
+            index.make_direct_map()
+        return index.reconstruct_n(0, index.ntotal)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Positions (R, min(k, ntotal)) of the largest inner products with queries (R, D), -1 pads,
