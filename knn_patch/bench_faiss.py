@@ -364,8 +364,6 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.faiss_threads is not None:
         faiss_module().omp_set_num_threads(args.faiss_threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ivf = {} if args.nlist is None else {"nlist": args.nlist}
     nprobes = args.nprobe or []
     if len(nprobes) > 1 and args.what != "growth":
@@ -376,6 +374,12 @@ def main(argv: list[str] | None = None) -> None:
         ivf["nprobe"] = nprobes[0]
     several = [f"faiss-ivf-np{n}" for n in nprobes] if len(nprobes) > 1 else ["faiss-ivf"]
     methods = [name for m in args.methods for name in (several if m == "faiss-ivf" else [m])]
+    validate_index_options({**ivf, "index": args.index})  # bad settings fail before any model loads
+    for method in methods:
+        if method.startswith("faiss"):
+            _index_options(method, ivf)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.what == "growth":
         inputs = real_inputs(max(args.n), args.layer) if args.inputs == "real" else None
         result = run_growth(

@@ -33,10 +33,19 @@ def test_several_nprobe_values_are_for_growth_only(capsys):
     assert "only with growth" in capsys.readouterr().err
 
 
-def test_negative_sink_tokens_fail_before_any_model_loads(capsys):
+def test_bad_settings_fail_before_any_model_loads(capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("knn_patch.loading.load_default", no_model)
     with pytest.raises(SystemExit):
         main(["recall", "--sink-tokens", "-1"])
     assert "--sink-tokens must be >= 0" in capsys.readouterr().err
+    for argv in (["recall", "--nprobe", "0"], ["growth", "--nprobe", "16", "0"], ["recall", "--nlist", "0"]):
+        with pytest.raises(ValueError, match=r"'(nprobe|nlist)'"):
+            main(argv)
+    with pytest.raises(ValueError, match="'index'"):
+        main(["decode", "--index", "lsh"])
 
 
 @pytest.mark.slow
