@@ -291,8 +291,14 @@ def _plot_growth(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _print_growth(result: dict) -> None:
+def _print_wide(table) -> None:
+    """Print a rich table at least 170 columns wide, so that its columns never wrap."""
     from rich.console import Console
+
+    Console(width=max(Console().width, 170)).print(table)
+
+
+def _print_growth(result: dict) -> None:
     from rich.table import Table
 
     methods = list(result["exponents"])
@@ -304,11 +310,10 @@ def _print_growth(result: dict) -> None:
         times = [f"{r['times'][m]:.3f}" for m in methods]
         table.add_row(str(r["n"]), *times, *("-" if v is None else f"{v:.3f}" for v in r["recall"].values()))
     table.add_row("exponent", *("-" if s is None else f"{s:.2f}" for s in result["exponents"].values()))
-    Console(width=max(Console().width, 170)).print(table)  # wide: never wrap the columns
+    _print_wide(table)
 
 
 def _print_decode(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"Per-token decode, embedded SmolLM2, k={result['k']}, {result['options']}")
@@ -323,7 +328,7 @@ def _print_decode(result: dict) -> None:
             f"{r['index_bytes'] / 2**20:.1f} MiB",
             f"{r['knn_warmup_s']:.1f}",
         )
-    Console(width=max(Console().width, 170)).print(table)  # wide: never wrap the columns
+    _print_wide(table)
 
 
 def main(argv: list[str] | None = None) -> None:
