@@ -152,6 +152,8 @@ def test_recall_with_sinks_is_over_the_indexed_keys():
     sinks = recall_at_k(q, k, k=8, options=ivf, n_queries=64, sink_tokens=4)
     assert indexed.weighted > 0.99 > sinks.weighted
     assert sinks.plain < 1.0
+    with pytest.raises(ValueError, match=r"sink_tokens \(-1\).*>= 0"):
+        recall_at_k(q, k, k=8, options=ivf, n_queries=64, sink_tokens=-1)
 
 
 def filled_index(kind, n=2000, d=16, nlist=8, nprobe=3, **extra):

@@ -140,6 +140,8 @@ def retrieval_attention(
     hkv, lk, dv = key.shape[1], key.shape[2], value.shape[-1]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}).")
+    if sink_tokens < 0 or local_window < 0:
+        raise ValueError(f"sink_tokens ({sink_tokens}) and local_window ({local_window}) must be >= 0.")
     g, offset, device = hq // hkv, lk - lq, query.device
     scale = d**-0.5 if scale is None else scale
     bs = options["block_size"]
