@@ -56,9 +56,14 @@ def fit_exponent(ns: list[int], times: list[float]) -> float | None:
 
 
 def _index_options(method: str, options: dict) -> dict:
-    """The faiss options of a growth method: "faiss-ivf", "faiss-hnsw", or "faiss-ivf-np<nprobe>"."""
-    _, index, *probes = method.split("-")
-    extra = {"nprobe": int(probes[0].removeprefix("np"))} if probes else {}
+    """The faiss options of a growth method: "faiss-ivf", "faiss-hnsw", "faiss-ivf-np<nprobe>" or
+    "faiss-ivf-sf<scan_fraction>"."""
+    _, index, *sweep = method.split("-")
+    extra = {}
+    if sweep and sweep[0].startswith("np"):
+        extra = {"nprobe": int(sweep[0][2:])}
+    elif sweep:
+        extra = {"scan_fraction": float(sweep[0][2:])}
     return validate_index_options({**options, "index": index, **extra})
 
 
@@ -354,7 +359,15 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         nargs="+",
         default=None,
-        help="growth, recall: IVF lists probed (default 16); growth times faiss-ivf at each value given",
+        help="growth, recall: IVF lists probed at most (default 128); growth times faiss-ivf at each value",
+    )
+    p.add_argument(
+        "--scan-fraction",
+        type=float,
+        nargs="+",
+        default=None,
+        help="growth, recall: share of the IVF's keys a query scans at most (default 0.125); growth times "
+        "faiss-ivf at each value given",
     )
     p.add_argument("--repeats", type=int, default=1, help="growth: timed runs per point (median)")
     p.add_argument("--steps", type=int, default=8, help="decode: timed steps (median)")
@@ -370,14 +383,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.faiss_threads is not None:
         faiss_module().omp_set_num_threads(args.faiss_threads)
     ivf = {} if args.nlist is None else {"nlist": args.nlist}
-    nprobes = args.nprobe or []
-    if len(nprobes) > 1 and args.what != "growth":
-        p.error("--nprobe takes several values only with growth")
+    sweeps = {"nprobe": args.nprobe or [], "scan_fraction": args.scan_fraction or []}
+    for name, values in sweeps.items():
+        flag = "--" + name.replace("_", "-")
+        if len(values) > 1 and args.what != "growth":
+            p.error(f"{flag} takes several values only with growth")
+        if len(values) == 1:
+            ivf[name] = values[0]
+    if all(len(values) > 1 for values in sweeps.values()):
+        p.error("give several values to --nprobe or to --scan-fraction, not to both")
     if args.sink_tokens < 0:
         p.error(f"--sink-tokens must be >= 0, not {args.sink_tokens}")
-    if len(nprobes) == 1:
-        ivf["nprobe"] = nprobes[0]
-    several = [f"faiss-ivf-np{n}" for n in nprobes] if len(nprobes) > 1 else ["faiss-ivf"]
+    several = ["faiss-ivf"]
+    for name, tag in (("nprobe", "np"), ("scan_fraction", "sf")):
+        if len(sweeps[name]) > 1:
+            several = [f"faiss-ivf-{tag}{value}" for value in sweeps[name]]
     methods = [name for m in args.methods for name in (several if m == "faiss-ivf" else [m])]
     validate_index_options({**ivf, "index": args.index})  # bad settings fail before any model loads
     for method in methods:

@@ -117,10 +117,11 @@ def test_k_at_least_n_equals_dense(index):
 
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])
 def test_approximate_indexes_give_finite_outputs_that_follow_top_k(index):
-    """Small k through a real approximate index (keys past ivf's 39 * nlist training keys)."""
+    """Small k through a real approximate index (keys past ivf's 39 * nlist training keys). Random
+    keys have no clusters: ivf probes all 4 lists (no scan budget), so only its training loses keys."""
     torch.manual_seed(0)
     q, k = torch.randn(1, 4, 600, 16), torch.randn(1, 2, 600, 16)
-    opts = validate_index_options({"index": index, "block_size": 64, "nlist": 4})
+    opts = validate_index_options({"index": index, "block_size": 64, "nlist": 4, "scan_fraction": None})
     out = retrieval_attention(q, k, k, k=8, options=opts)[0]
     assert torch.isfinite(out).all()
     recall = recall_at_k(q, k, k=8, options=opts, n_queries=64)
@@ -188,11 +189,22 @@ def test_ivf_keys_sit_at_their_nearest_l2_centroid_and_the_ivf_retrains_as_keys_
     assert not torch.equal(torch.from_numpy(once._centroids()), centroids)
 
 
-@pytest.mark.parametrize(("kind", "k", "nprobe"), [("flat", 10, 3), ("ivf", 10, 3), ("ivf", 500, 2)])
-def test_compiled_search_equals_faiss_search(kind, k, nprobe):
+@pytest.mark.parametrize(
+    ("kind", "k", "nprobe", "scan_fraction"),
+    [
+        ("flat", 10, 3, None),
+        ("ivf", 10, 3, None),
+        ("ivf", 500, 2, None),
+        ("ivf", 10, 8, 0.1),
+        ("ivf", 40, 8, 0.3),
+    ],
+)
+def test_compiled_search_equals_faiss_search(kind, k, nprobe, scan_fraction):
     """The compiled flat and grouped IVF searches return faiss's own results: the same keys and
-    scores (k=500 exceeds what some queries' 2 probed lists hold: the same -1 slots)."""
-    index = filled_index(kind, nprobe=nprobe)
+    scores (k=500 exceeds what some queries' 2 probed lists hold: the same -1 slots). With a scan
+    budget (faiss's max_codes: 200 or 600 of the 2000 keys, ~250 per list) a query stops within
+    its first or third list, scanning that one up to the budget only."""
+    index = filled_index(kind, nprobe=nprobe, scan_fraction=scan_fraction)
     x = torch.randn(300, 16)  # 300 queries * 2 probes >= 8 per list * 8 lists: the grouped IVF path
     assert index.trained
     mine = index._compiled_search(x, k)
@@ -283,6 +295,9 @@ def test_missing_faiss_names_the_install_command(monkeypatch):
         ({"block_size": 2.5}, r"'block_size'"),
         ({"retrain_growth": 1}, r"'retrain_growth'.*number > 1, or None"),
         ({"retrain_growth": "2"}, r"'retrain_growth'.*number > 1, or None"),
+        ({"scan_fraction": 0}, r"'scan_fraction'.*number in \(0, 1\], or None"),
+        ({"scan_fraction": 1.5}, r"'scan_fraction'.*number in \(0, 1\], or None"),
+        ({"scan_fraction": True}, r"'scan_fraction'.*number in \(0, 1\], or None"),
         ({"n_probe": 4}, r"Unknown faiss backend_options \['n_probe'\]"),
     ],
 )

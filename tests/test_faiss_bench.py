@@ -20,17 +20,31 @@ def test_fit_exponent_recovers_a_power_law():
     assert fit_exponent([1024], [1.0]) is None
 
 
-def test_growth_methods_name_their_index_and_nprobe():
+def test_growth_methods_name_their_index_and_sweep_value():
     assert _index_options("faiss-ivf-np48", {"nlist": 64}) == validate_index_options(
         {"index": "ivf", "nlist": 64, "nprobe": 48}
+    )
+    assert _index_options("faiss-ivf-sf0.25", {}) == validate_index_options(
+        {"index": "ivf", "scan_fraction": 0.25}
     )
     assert _index_options("faiss-hnsw", {})["index"] == "hnsw"
 
 
-def test_several_nprobe_values_are_for_growth_only(capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["recall", "--nprobe", "16", "32"], "--nprobe takes several values only with growth"),
+        (
+            ["recall", "--scan-fraction", "0.1", "0.2"],
+            "--scan-fraction takes several values only with growth",
+        ),
+        (["growth", "--nprobe", "16", "32", "--scan-fraction", "0.1", "0.2"], "not to both"),
+    ],
+)
+def test_sweeps_are_for_growth_only_and_one_at_a_time(capsys, argv, message):
     with pytest.raises(SystemExit):
-        main(["recall", "--nprobe", "16", "32"])
-    assert "only with growth" in capsys.readouterr().err
+        main(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_bad_settings_fail_before_any_model_loads(capsys, monkeypatch):
@@ -41,8 +55,13 @@ def test_bad_settings_fail_before_any_model_loads(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["recall", "--sink-tokens", "-1"])
     assert "--sink-tokens must be >= 0" in capsys.readouterr().err
-    for argv in (["recall", "--nprobe", "0"], ["growth", "--nprobe", "16", "0"], ["recall", "--nlist", "0"]):
-        with pytest.raises(ValueError, match=r"'(nprobe|nlist)'"):
+    for argv in (
+        ["recall", "--nprobe", "0"],
+        ["growth", "--nprobe", "16", "0"],
+        ["recall", "--nlist", "0"],
+        ["growth", "--scan-fraction", "0.1", "1.5"],
+    ):
+        with pytest.raises(ValueError, match=r"'(nprobe|nlist|scan_fraction)'"):
             main(argv)
     with pytest.raises(ValueError, match="'index'"):
         main(["decode", "--index", "lsh"])

@@ -270,21 +270,75 @@ std::vector<torch::Tensor> tail_sample(torch::Tensor top, torch::Tensor row_end,
 // The k largest inner products of each query over the inverted lists it probes, in a faiss
 // IndexIVFFlat: the IVF search of many queries at once. faiss's CPU search scans each query's
 // lists on their own, one inner product at a time; attention sends hundreds of queries to each
-// list, so here each list is scored once for all the queries probing it, by small GEMMs (with the
-// probes picked in torch). Two passes:
-//   1. each query's best ceil(P / 8) probes set its bar: the key at position t of a list joins
-//      group t mod G (G >= 2k), and the bar is the k-th largest group maximum, so at least k
-//      distinct keys reach it. (Keys of a list are in insertion order, so its best keys spread
-//      over the groups; contiguous groups gave a far lower bar, a list's best keys being alike.)
+// list, so here each list is scored once for all the queries probing it, by small GEMMs.
+//   0. the probes: a query's lists in decreasing centroid inner product, at most nprobe, and
+//      no more once they hold max_codes keys (max_codes > 0), as in faiss's IVF search.
+//   1. a bar per query, from a sample of its best probes (an evenly strided <= kFirstKeys keys of
+//      each, until sample_keys): its keys go round G >= 2k groups and the bar is the k-th largest
+//      group maximum, so at least k distinct keys reach it.
 //   2. all its probes: only scores above the bar are kept, in a buffer of 16k; a full buffer is
 //      cut back to its best k, whose k-th score becomes the bar. Most scores fall below the bar,
 //      and are skipped 16 at a time.
 // (A bar from the exact top-k of the first probes cost more to select than the second pass saved.)
-//   q (R, D) float32; probes (R, P) int64 list numbers, best first, -1 for none; codes, ids,
-//   sizes (nlist,) int64: each list's vectors (a float32 (size, D) array), ids (int64) and size,
-//   read from the index's ArrayInvertedLists, and valid until the index is next added to.
+//   q (R, D) float32; centroids (nlist, D) float32; codes, ids, sizes (nlist,) int64: each list's
+//   vectors (a float32 (size, D) array), ids (int64) and size, read from the index's
+//   ArrayInvertedLists, and valid until the index is next added to.
 // Returns values (R, k) and ids (R, k), in no particular order, (-inf, -1) in unfilled slots.
 namespace {
+
+constexpr int64_t kFirstKeys = 256;  // pass 1 samples at most this many keys of a list
+
+// Buffers of `best_lists`.
+struct ListPicker {
+  static constexpr int64_t kBuckets = 64;
+  std::vector<int64_t> count, weight;
+  std::vector<uint8_t> bucket;
+  std::vector<Entry> edge;
+};
+
+// The first j of lists[0..n) in ranks_above's order of (score[list], list), written to out in
+// any order; j is the smallest with j == cap, or weight(out[0..j)) >= budget when budget > 0, or
+// n. The lists are bucketed by score, so that only the bucket where j falls is sorted: O(n).
+template <class Weight>
+int64_t best_lists(const float* score, const int64_t* lists, int64_t n, int64_t cap, int64_t budget,
+                   Weight&& weight, int64_t* out, ListPicker& ws) {
+  constexpr int64_t nb = ListPicker::kBuckets;
+  float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    hi = std::max(hi, score[lists[i]]);
+    lo = std::min(lo, score[lists[i]]);
+  }
+  const float scale = hi > lo ? nb / (hi - lo) : 0.0f;  // bucket 0 holds the best scores
+  ws.count.assign(nb, 0);
+  ws.weight.assign(nb, 0);
+  ws.bucket.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const auto b = static_cast<uint8_t>(std::min<int64_t>(nb - 1, static_cast<int64_t>((hi - score[lists[i]]) * scale)));
+    ws.bucket[i] = b;
+    ++ws.count[b];
+    ws.weight[b] += weight(lists[i]);
+  }
+  auto done = [&](int64_t j, int64_t w) { return j >= cap || (budget > 0 && w >= budget); };
+  int64_t edge = 0, j = 0, w = 0;  // the bucket where j falls; lists and weight before it
+  for (; edge < nb && !done(j + ws.count[edge], w + ws.weight[edge]); ++edge) {
+    j += ws.count[edge];
+    w += ws.weight[edge];
+  }
+  int64_t taken = 0;
+  ws.edge.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    if (ws.bucket[i] < edge)
+      out[taken++] = lists[i];
+    else if (ws.bucket[i] == edge)
+      ws.edge.emplace_back(score[lists[i]], lists[i]);
+  }
+  std::sort(ws.edge.begin(), ws.edge.end(), ranks_above);
+  for (size_t e = 0; e < ws.edge.size() && !done(taken, w); ++e) {
+    out[taken++] = ws.edge[e].second;
+    w += weight(ws.edge[e].second);
+  }
+  return taken;
+}
 
 // Row r's kept entries (vals, ids, *count, its bar): cut back to its k best (in ranks_above's
 // order), the k-th of which becomes the bar. Needs *count >= k.
@@ -348,19 +402,19 @@ void keep_above(const float* s, const int64_t* key_ids, int64_t w, int64_t k, in
 
 }  // namespace
 
-std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch::Tensor codes, torch::Tensor ids,
-                                    torch::Tensor sizes, int64_t k) {
+std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, torch::Tensor codes, torch::Tensor ids,
+                                    torch::Tensor sizes, int64_t k, int64_t nprobe, int64_t max_codes) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kFloat32,
               "q must be a contiguous (R, D) float32 tensor");
-  TORCH_CHECK(probes.dim() == 2 && probes.size(0) == q.size(0) && probes.is_contiguous() &&
-                  probes.scalar_type() == torch::kInt64,
-              "probes must be a contiguous (R, P) int64 tensor");
-  const int64_t rows = q.size(0), dim = q.size(1), nprobe = probes.size(1), nlist = sizes.numel();
-  const int64_t first = (nprobe + 7) / 8;  // probes of pass 1
+  TORCH_CHECK(centroids.dim() == 2 && centroids.size(0) == sizes.numel() && centroids.size(1) == q.size(1) &&
+                  centroids.scalar_type() == torch::kFloat32,
+              "centroids must be a (nlist, D) float32 tensor");
+  const int64_t rows = q.size(0), dim = q.size(1), nlist = sizes.numel();
+  nprobe = std::min(nprobe, nlist);
+  const int64_t sample_keys = 16 * k;  // pass 1's keys per query
   auto out_v = torch::full({rows, k}, -std::numeric_limits<float>::infinity(), q.options());
   auto out_i = torch::full({rows, k}, -1, q.options().dtype(torch::kInt64));
   const float* qp = q.data_ptr<float>();
-  const int64_t* pr = probes.data_ptr<int64_t>();
   const int64_t* code_ptr = codes.data_ptr<int64_t>();
   const int64_t* id_ptr = ids.data_ptr<int64_t>();
   const int64_t* size = sizes.data_ptr<int64_t>();
@@ -369,47 +423,75 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch
   constexpr int64_t kRowTile = 128, kColTile = 512;
   const int64_t cap = 16 * k;  // kept entries per query before a cut back to k
   const int64_t groups = (2 * k + 15) / 16 * 16;  // G of pass 1
+  std::vector<int64_t> all_lists(nlist);
+  for (int64_t l = 0; l < nlist; ++l) all_lists[l] = l;
   // Threads take disjoint query chunks; a chunk holds enough queries that every list it probes
   // is scored by one GEMM of many rows.
   const int64_t chunk = std::max<int64_t>(256, (rows + at::get_num_threads() - 1) / at::get_num_threads());
   at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
     at::NoGradGuard no_grad;
     std::vector<float> qbuf(kRowTile * dim), sbuf(kRowTile * kColTile), vals(chunk * cap), bar(chunk),
-        gmax(chunk * groups);
-    std::vector<int64_t> kept_ids(chunk * cap), count(chunk), start(nlist + 1), fill(nlist), by_list;
+        gmax(chunk * groups), cscore(chunk * nlist);
+    // probes[r * nprobe ..] holds query r's n_probes[r] lists, the n_first[r] sampled by pass 1 first
+    std::vector<int64_t> kept_ids(chunk * cap), count(chunk), next_group(chunk), start(nlist + 1), fill(nlist),
+        by_list, probes(chunk * nprobe), n_probes(chunk), n_first(chunk), picked(nprobe), cut_list(chunk),
+        cut_keys(chunk);
+    std::vector<char> in_first(nlist, 0);
     std::vector<float> tmp;
     std::vector<int64_t> ties;
+    ListPicker picker;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = c * chunk, nr = std::min(rows, r0 + chunk) - r0;
-      const int64_t* cp = pr + r0 * nprobe;  // the chunk's probes; pair a = r * nprobe + p
-      // Score every pair (r, p) with p in [p0, p1), list by list: on_tile(a, s, w, j0, key_ids)
-      // gets the scores s[0..w) of pair a's list keys j0 .. j0 + w - 1, and their ids.
-      auto scan = [&](int64_t p0, int64_t p1, auto&& on_tile) {
+      auto cs = torch::from_blob(cscore.data(), {nr, nlist}, q.options());
+      at::mm_out(cs, q.narrow(0, r0, nr), centroids.t());
+      for (int64_t r = 0; r < nr; ++r) {
+        int64_t* pr = probes.data() + r * nprobe;
+        const float* score = cscore.data() + r * nlist;
+        const int64_t np = best_lists(score, all_lists.data(), nlist, nprobe, max_codes,
+                                      [&](int64_t l) { return size[l]; }, picked.data(), picker);
+        // as in faiss, the list that crosses max_codes is scanned up to it only: over its first keys
+        int64_t total = 0;
+        for (int64_t i = 0; i < np; ++i) total += size[picked[i]];
+        const bool cut = max_codes > 0 && total > max_codes;  // then picked[np - 1] crossed it
+        cut_list[r] = cut ? picked[np - 1] : -1;
+        cut_keys[r] = cut ? size[picked[np - 1]] - (total - max_codes) : 0;
+        // pass 1 samples the best whole lists
+        const int64_t nf = best_lists(score, picked.data(), np - cut, np - cut, sample_keys,
+                                      [&](int64_t l) { return std::min(size[l], kFirstKeys); }, pr, picker);
+        for (int64_t p = 0; p < nf; ++p) in_first[pr[p]] = 1;
+        int64_t p = nf;
+        for (int64_t i = 0; i < np; ++i)
+          if (!in_first[picked[i]]) pr[p++] = picked[i];
+        for (int64_t i = 0; i < nf; ++i) in_first[pr[i]] = 0;
+        n_probes[r] = np;
+        n_first[r] = nf;
+      }
+      // Score each query r's probes p < n[r], list by list, over an evenly strided `limit` keys of
+      // each list at most: on_tile(r, l, j0, s, w, key_ids) gets the scores s[0..w) of list l's
+      // keys j0 .. j0 + w - 1 scored for query r, and (when the list is not strided) their ids.
+      auto scan = [&](const std::vector<int64_t>& n, int64_t limit, auto&& on_tile) {
         std::fill(start.begin(), start.end(), 0);
-        by_list.resize(nr * (p1 - p0));
         for (int64_t r = 0; r < nr; ++r)
-          for (int64_t p = p0; p < p1; ++p)
-            if (cp[r * nprobe + p] >= 0) ++start[cp[r * nprobe + p] + 1];
+          for (int64_t p = 0; p < n[r]; ++p) ++start[probes[r * nprobe + p] + 1];
         for (int64_t l = 0; l < nlist; ++l) start[l + 1] += start[l];
         std::copy(start.begin(), start.end() - 1, fill.begin());
+        by_list.resize(start[nlist]);
         for (int64_t r = 0; r < nr; ++r)
-          for (int64_t p = p0; p < p1; ++p)
-            if (cp[r * nprobe + p] >= 0) by_list[fill[cp[r * nprobe + p]]++] = r * nprobe + p;
+          for (int64_t p = 0; p < n[r]; ++p) by_list[fill[probes[r * nprobe + p]]++] = r;
         for (int64_t l = 0; l < nlist; ++l) {
-          const int64_t n = size[l];
+          const int64_t step = size[l] > limit ? (size[l] + limit - 1) / limit : 1;
+          const int64_t n_keys = (size[l] + step - 1) / step;
           auto* keys = reinterpret_cast<float*>(code_ptr[l]);
           const auto* key_ids = reinterpret_cast<const int64_t*>(id_ptr[l]);
-          for (int64_t a = start[l]; a < start[l + 1] && n > 0; a += kRowTile) {
+          for (int64_t a = start[l]; a < start[l + 1] && n_keys > 0; a += kRowTile) {
             const int64_t m = std::min(kRowTile, start[l + 1] - a);
-            for (int64_t i = 0; i < m; ++i)
-              std::copy_n(qp + (r0 + by_list[a + i] / nprobe) * dim, dim, qbuf.data() + i * dim);
+            for (int64_t i = 0; i < m; ++i) std::copy_n(qp + (r0 + by_list[a + i]) * dim, dim, qbuf.data() + i * dim);
             auto qt = torch::from_blob(qbuf.data(), {m, dim}, q.options());
-            for (int64_t j0 = 0; j0 < n; j0 += kColTile) {
-              const int64_t w = std::min(kColTile, n - j0);
+            for (int64_t j0 = 0; j0 < n_keys; j0 += kColTile) {
+              const int64_t w = std::min(kColTile, n_keys - j0);
               auto s = torch::from_blob(sbuf.data(), {m, w}, q.options());
-              at::mm_out(s, qt, torch::from_blob(keys + j0 * dim, {w, dim}, q.options()).t());
-              for (int64_t i = 0; i < m; ++i)
-                on_tile(by_list[a + i], sbuf.data() + i * w, w, j0, key_ids + j0);
+              at::mm_out(s, qt, torch::from_blob(keys + j0 * step * dim, {w, dim}, {step * dim, 1}, q.options()).t());
+              for (int64_t i = 0; i < m; ++i) on_tile(by_list[a + i], l, j0, sbuf.data() + i * w, w, key_ids + j0);
             }
           }
         }
@@ -417,12 +499,14 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch
 
       // pass 1
       std::fill(gmax.begin(), gmax.end(), -std::numeric_limits<float>::infinity());
-      scan(0, first, [&](int64_t a, const float* s, int64_t w, int64_t j0, const int64_t*) {
-        float* g = gmax.data() + (a / nprobe) * groups;
-        for (int64_t t = 0; t < w;) {  // key j0 + t of the list joins group (j0 + t) mod G
-          const int64_t at = (j0 + t) % groups, n = std::min(groups - at, w - t);
+      std::fill(next_group.begin(), next_group.end(), 0);
+      scan(n_first, kFirstKeys, [&](int64_t r, int64_t, int64_t, const float* s, int64_t w, const int64_t*) {
+        float* g = gmax.data() + r * groups;
+        for (int64_t t = 0; t < w;) {  // the query's keys go round the groups in scan order
+          const int64_t at = next_group[r], n = std::min(groups - at, w - t);
           max_into(g + at, s + t, n);
           t += n;
+          next_group[r] = (at + n) % groups;
         }
       });
       for (int64_t r = 0; r < nr; ++r) {
@@ -432,10 +516,12 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor probes, torch
         count[r] = 0;
       }
       // pass 2
-      scan(0, nprobe, [&](int64_t a, const float* s, int64_t w, int64_t, const int64_t* key_ids) {
-        const int64_t r = a / nprobe;
-        keep_above(s, key_ids, w, k, cap, &bar[r], vals.data() + r * cap, kept_ids.data() + r * cap, &count[r],
-                   tmp, ties);
+      scan(n_probes, std::numeric_limits<int64_t>::max(), [&](int64_t r, int64_t l, int64_t j0, const float* s,
+                                                              int64_t w, const int64_t* key_ids) {
+        if (l == cut_list[r]) w = std::min(w, cut_keys[r] - j0);
+        if (w > 0)
+          keep_above(s, key_ids, w, k, cap, &bar[r], vals.data() + r * cap, kept_ids.data() + r * cap, &count[r],
+                     tmp, ties);
       });
       for (int64_t r = 0; r < nr; ++r) {
         if (count[r] > k)

@@ -122,10 +122,17 @@ def scores_topk(
 
 
 def ivf_topk(
-    query: torch.Tensor, probes: torch.Tensor, lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int
+    query: torch.Tensor,
+    centroids: torch.Tensor,
+    lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    k: int,
+    nprobe: int,
+    max_codes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k inner products (values, faiss ids), each (R, k), of queries (R, D) over the IVF lists
-    `probes` (R, P) names, every list scored once for all the queries probing it; `lists` holds
-    the (nlist,) int64 tables of each list's vector pointer, id pointer and size (`KeyIndex`).
+    """Top-k inner products (values, faiss ids), each (R, k), of queries (R, D) over an IVF index:
+    each query probes the lists of its largest inner products with `centroids` (nlist, D), at most
+    `nprobe`, stopping once they hold `max_codes` keys (0: no limit), as faiss's IVF search does;
+    every list is scored once for all the queries probing it. `lists` holds the (nlist,) int64
+    tables of each list's vector pointer, id pointer and size (`KeyIndex`).
     Compiled only: callers check `extension_available()` first and otherwise use faiss's own search."""
-    return extension().ivf_topk(query.contiguous(), probes.contiguous(), *lists, k)
+    return extension().ivf_topk(query.contiguous(), centroids, *lists, k, nprobe, max_codes)
