@@ -221,6 +221,18 @@ def test_compiled_search_equals_faiss_search(kind, k, nprobe, scan_fraction):
     torch.testing.assert_close(mine[0].sort(-1, descending=True).values[filled], theirs[filled])
 
 
+def test_the_scan_budget_is_a_share_of_the_keys_and_at_least_64_per_result():
+    index = filled_index("ivf", nprobe=8, scan_fraction=0.5)
+    x = torch.randn(300, 16)
+    index.search(x, 10)
+    assert index.index.max_codes == 1000  # half of the 2000 keys
+    index.search(x, 20)
+    assert index.index.max_codes == 1280  # 64 keys for each of the 20 results
+    small = filled_index("ivf", nprobe=8, scan_fraction=0.01)  # 20 keys: under 64 per result
+    small.search(x, 10)
+    assert small.index.max_codes == index_module.SCAN_PER_RESULT * 10
+
+
 def test_without_the_compiled_extension_ivf_searches_by_faiss_and_flat_by_torch(monkeypatch):
     monkeypatch.setattr(select_module, "extension", lambda: None)
     x = torch.randn(300, 16)

@@ -8,13 +8,14 @@ Index types (`index` option):
 - "flat": exact inner product (`IndexFlatIP`); retrieval equals exact top-k.
 - "ivf": `IndexIVFFlat` (inner product), `nlist` lists. A query probes its lists in decreasing
   centroid inner product, at most `nprobe`, and stops once they hold `scan_fraction` of the keys
-  (faiss's `max_codes`, set before each search as the index grows; GPU indexes probe `nprobe`
-  lists). A key budget, not a list count: on SmolLM2's layer-3 keys at 48k tokens, nprobe 32 made
-  one KV head's queries scan ~45% of the keys (its best lists are huge) and another's ~4% (tiny
-  ones), at recall@32 1.00 and 0.77. It is trained on the first `39 * nlist` keys (faiss's
-  minimum of 39 training points per list); until that many keys exist, an exact flat index
-  serves the searches. `nlist` defaults to ceil(sqrt(n)) for n
-  keys and is capped at max(1, n // 39); an explicit `nlist` above the cap is lowered, with a warning.
+  (faiss's `max_codes`, set before each search as the index grows, and at least
+  `SCAN_PER_RESULT` keys per result; GPU indexes probe `nprobe` lists). A key budget, not a list
+  count: on SmolLM2's layer-3 keys at 48k tokens, nprobe 32 made one KV head's queries scan ~45%
+  of the keys (its best lists are huge) and another's ~4% (tiny ones), at recall@32 1.00 and
+  0.77. It is trained on the first `39 * nlist` keys (faiss's minimum of 39 training points per
+  list); until that many keys exist, an exact flat index serves the searches. `nlist` defaults
+  to ceil(sqrt(n)) for n keys and is capped at max(1, n // 39); an explicit `nlist` above the cap
+  is lowered, with a warning.
   Two departures from faiss's IVF, both for how real keys lie (seen on SmolLM2's layer-3 keys at
   64k tokens; `knn-patch faiss-bench growth --inputs real` times the result):
   * keys join the list of their nearest centroid in L2 (L2 k-means centroids), while queries still
@@ -64,6 +65,10 @@ NORM_MARGIN = 1.25  # HNSW's L2 reduction radius over the largest key norm seen 
 # for all of them (`KeyIndex._compiled_search`); with fewer (decode steps) the GEMMs would be a row
 # or two, and faiss's own search serves.
 GROUPED_MIN_QUERIES = 8
+# An IVF query scans at least this many keys per result it returns, whatever `scan_fraction`: at
+# short lengths a share of the keys is too few to hold the best k (recall@32 of layers 20 / 29 of
+# SmolLM2 at 4k tokens: 0.86 / 0.89 with 12.5% of the keys alone, 0.99 / 0.98 with this floor).
+SCAN_PER_RESULT = 64
 
 # Default options: scan_fraction/ef_search chosen for recall@k >= 0.9 on SmolLM2 activations (see
 # tests and README).
@@ -320,7 +325,8 @@ class KeyIndex:
             self.index.hnsw.efSearch = max(self.options["ef_search"], k)
         fraction = self.options["scan_fraction"]
         if self.kind == "ivf" and self.trained and self.gpu is None and fraction is not None:
-            self.index.max_codes = math.ceil(fraction * n)  # the IVF grows: a share of its keys now
+            # the IVF grows: a share of its keys now, and never under SCAN_PER_RESULT keys per result
+            self.index.max_codes = max(math.ceil(fraction * n), SCAN_PER_RESULT * k)
         x = queries.detach().to(device="cpu", dtype=torch.float32)
         compiled = self._compiled_search(x, k)
         if compiled is not None:

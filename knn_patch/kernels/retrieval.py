@@ -222,7 +222,10 @@ def retrieval_attention(
             if forced is not None:
                 explicit.masked_fill_(forced, math.inf)
             take = min(width, ranked.shape[-1])
-            sel, idx = (t.view(*ranked.shape[:-1], take) for t in topk_rows(ranked.flatten(0, -2), take))
+            # a row's explicit columns past its own position are never visible: it ranks the ones before
+            row_end = (f + p0 - ws + 1 + torch.arange(c, device=device)).repeat(b * hkv * g)
+            ranked_rows = topk_rows(ranked.flatten(0, -2), take, row_end)
+            sel, idx = (t.view(*ranked.shape[:-1], take) for t in ranked_rows)
             is_forced = sel == math.inf
             keep = (sel > -math.inf) & (is_forced | ((~is_forced).cumsum(-1) <= k))
 
