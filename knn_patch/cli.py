@@ -181,7 +181,8 @@ def _eval_arguments(
         "--backend-options",
         type=_json_object,
         default={},
-        help='the backend\'s options as a JSON object, e.g. \'{"index": "ivf", "scan_fraction": 0.2}\' for faiss',
+        help="the backend's options as a JSON object, e.g. "
+        '\'{"index": "ivf", "scan_fraction": 0.2}\' for faiss',
     )
     p.add_argument("--sink-tokens", type=int, default=0)
     p.add_argument("--local-window", type=int, default=0)
