@@ -228,6 +228,11 @@ def test_compiled_selection_equals_torch_topk(rows, cols, k):
     filled = want.values > -math.inf
     assert torch.equal(values, want.values)
     assert torch.equal(idx[filled], want.indices[filled])
+    # unsorted: the same keys and values, in some order
+    any_values, any_idx = topk_rows(x, k, ends, sorted=False)
+    order = any_values.sort(dim=-1, descending=True, stable=True).indices
+    assert torch.equal(any_values.gather(-1, order), want.values)
+    assert torch.equal(any_idx.gather(-1, order)[filled], want.indices[filled])
 
 
 def test_compiled_selection_keeps_the_lower_index_on_ties():

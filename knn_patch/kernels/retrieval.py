@@ -170,6 +170,7 @@ def retrieval_attention(
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     rescore = needs_grad or acc != torch.float32
     width = k + sink_tokens + local_window
+    forced_any = bool(sink_tokens or local_window)  # then `keep` below needs the candidates sorted
     outs, kept = [], []
     with torch.autocast(device_type=device.type, enabled=False):
         q_all = query.to(acc).view(b, hkv, g, lq, d)  # the heads of one KV group together (a view)
@@ -224,7 +225,8 @@ def retrieval_attention(
             take = min(width, ranked.shape[-1])
             # a row's explicit columns past its own position are never visible: it ranks the ones before
             row_end = (f + p0 - ws + 1 + torch.arange(c, device=device)).repeat(b * hkv * g)
-            ranked_rows = topk_rows(ranked.flatten(0, -2), take, row_end)
+            # with nothing forced, every kept key is one of the k best: their order does not matter
+            ranked_rows = topk_rows(ranked.flatten(0, -2), take, row_end, sorted=forced_any)
             sel, idx = (t.view(*ranked.shape[:-1], take) for t in ranked_rows)
             is_forced = sel == math.inf
             keep = (sel > -math.inf) & (is_forced | ((~is_forced).cumsum(-1) <= k))

@@ -103,9 +103,9 @@ torch::Tensor empty_log_weights(int64_t rows, int64_t m, const torch::TensorOpti
 }
 
 // scores: (R, L) float32, contiguous. row_end: (R,) int64, row r only considers columns
-// [0, row_end[r]) (the causal limit), or an empty tensor for all L. Returns values (R, k) sorted
-// descending and their column indices (R, k).
-std::vector<torch::Tensor> topk_rows(torch::Tensor scores, int64_t k, torch::Tensor row_end) {
+// [0, row_end[r]) (the causal limit), or an empty tensor for all L. Returns values (R, k) and
+// their column indices (R, k), sorted descending if `sorted`, else in any order.
+std::vector<torch::Tensor> topk_rows(torch::Tensor scores, int64_t k, torch::Tensor row_end, bool sorted) {
   TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous() && scores.scalar_type() == torch::kFloat32,
               "scores must be a contiguous 2-D float32 tensor");
   const int64_t rows = scores.size(0), cols = scores.size(1);
@@ -117,7 +117,7 @@ std::vector<torch::Tensor> topk_rows(torch::Tensor scores, int64_t k, torch::Ten
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     Workspace ws;
     for (int64_t r = r0; r < r1; ++r)
-      select_row(s + r * cols, end ? std::min(end[r], cols) : cols, k, out_v + r * k, out_i + r * k, ws, true);
+      select_row(s + r * cols, end ? std::min(end[r], cols) : cols, k, out_v + r * k, out_i + r * k, ws, sorted);
   });
   return out;
 }

@@ -69,9 +69,10 @@ def draw_seed(generator: torch.Generator | None) -> int:
 
 
 def topk_rows(
-    scores: torch.Tensor, k: int, row_end: torch.Tensor | None = None
+    scores: torch.Tensor, k: int, row_end: torch.Tensor | None = None, sorted: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (values, indices) of each row of `scores` (R, L), sorted descending.
+    """Top-k (values, indices) of each row of `scores` (R, L), sorted descending unless `sorted`
+    is False (then in any order: the compiled pass skips the sort).
 
     Row r only considers columns [0, row_end[r]) when `row_end` is given. Masked (-inf) scores are
     never chosen before visible ones; slots beyond a row's visible count hold -inf.
@@ -79,11 +80,11 @@ def topk_rows(
     ext = extension() if scores.device.type == "cpu" and scores.dtype == torch.float32 else None
     if ext is not None:
         ends = torch.empty(0, dtype=torch.int64) if row_end is None else row_end.to(torch.int64).contiguous()
-        return ext.topk_rows(scores.contiguous(), k, ends)
+        return ext.topk_rows(scores.contiguous(), k, ends, sorted)
     if row_end is not None:
         cols = torch.arange(scores.shape[-1], device=scores.device)
         scores = scores.masked_fill(cols >= row_end.unsqueeze(-1), -torch.inf)
-    return scores.topk(k, dim=-1)
+    return scores.topk(k, dim=-1, sorted=sorted)
 
 
 def fused_available(device: torch.device, dtype: torch.dtype) -> bool:
