@@ -374,12 +374,6 @@ int64_t best_lists(const float* score, const int64_t* lists, int64_t n, int64_t 
   return taken;
 }
 
-// `ivf_topk`'s per-thread buffers that grow with the queries of a chunk.
-struct IvfBuffers {
-  std::vector<float> vals, cscore;
-  std::vector<int64_t> kept_ids, probes;
-};
-
 // Row r's kept entries (vals, ids, *count, its bar): cut back to its k best (in ranks_above's
 // order), the k-th of which becomes the bar. Needs *count >= k.
 void cut_to_k(float* vals, int64_t* ids, int64_t* count, float* bar, int64_t k, std::vector<float>& tmp,
@@ -470,19 +464,12 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
   const int64_t chunk = std::max<int64_t>(256, (rows + at::get_num_threads() - 1) / at::get_num_threads());
   at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
     at::NoGradGuard no_grad;
-    // the large buffers persist in the thread: allocating ~12 MB afresh (zeroed, page-faulted) took
-    // ~4 ms a call, a tenth of a typical call's time
-    thread_local IvfBuffers large;
-    large.vals.resize(chunk * cap);
-    large.kept_ids.resize(chunk * cap);
-    large.cscore.resize(chunk * nlist);
-    large.probes.resize(chunk * nprobe);
-    auto &vals = large.vals, &cscore = large.cscore;
-    auto &kept_ids = large.kept_ids, &probes = large.probes;
-    std::vector<float> qbuf(kRowTile * dim), sbuf(kRowTile * kColTile), bar(chunk), gmax(chunk * groups);
+    std::vector<float> qbuf(kRowTile * dim), sbuf(kRowTile * kColTile), vals(chunk * cap), bar(chunk),
+        gmax(chunk * groups), cscore(chunk * nlist);
     // probes[r * nprobe ..] holds query r's n_probes[r] lists, the n_first[r] sampled by pass 1 first
-    std::vector<int64_t> count(chunk), next_group(chunk), start(nlist + 1), fill(nlist), by_list, n_probes(chunk),
-        n_first(chunk), picked(nprobe), cut_list(chunk), cut_keys(chunk);
+    std::vector<int64_t> kept_ids(chunk * cap), count(chunk), next_group(chunk), start(nlist + 1), fill(nlist),
+        by_list, probes(chunk * nprobe), n_probes(chunk), n_first(chunk), picked(nprobe), cut_list(chunk),
+        cut_keys(chunk);
     std::vector<char> in_first(nlist, 0);
     std::vector<float> tmp;
     std::vector<int64_t> ties;
