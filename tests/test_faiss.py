@@ -196,16 +196,19 @@ def test_ivf_keys_sit_at_their_nearest_l2_centroid_and_the_ivf_retrains_as_keys_
         ("ivf", 10, 3, None),
         ("ivf", 500, 2, None),
         ("ivf", 10, 8, 0.1),
-        ("ivf", 40, 8, 0.3),
+        ("ivf", 5, 8, 0.3),
     ],
 )
 def test_compiled_search_equals_faiss_search(kind, k, nprobe, scan_fraction):
     """The compiled flat and grouped IVF searches return faiss's own results: the same keys and
     scores (k=500 exceeds what some queries' 2 probed lists hold: the same -1 slots). With a scan
-    budget (faiss's max_codes: 200 or 600 of the 2000 keys, ~250 per list) a query stops within
-    its first or third list, scanning that one up to the budget only."""
+    budget (faiss's max_codes, which `search` sets: 640 = 64 per result, or 600 = 30% of the 2000
+    keys, ~250 per list) a query stops within its third list, scanning that one up to the budget."""
     index = filled_index(kind, nprobe=nprobe, scan_fraction=scan_fraction)
     x = torch.randn(300, 16)  # 300 queries * 2 probes >= 8 per list * 8 lists: the grouped IVF path
+    index.search(x, k)  # sets the budget
+    if kind == "ivf":
+        assert index.index.max_codes == (0 if scan_fraction is None else max(64 * k, 2000 * scan_fraction))
     assert index.trained
     mine = index._compiled_search(x, k)
     assert mine is not None
@@ -219,6 +222,10 @@ def test_compiled_search_equals_faiss_search(kind, k, nprobe, scan_fraction):
     filled = torch.arange(k) < found.sum(-1, keepdim=True)  # the slots holding a key, best first
     theirs = torch.from_numpy(dist).sort(-1, descending=True).values
     torch.testing.assert_close(mine[0].sort(-1, descending=True).values[filled], theirs[filled])
+    if scan_fraction is not None:  # the budget bites: without it faiss finds other keys
+        index.index.max_codes = 0
+        unbudgeted = torch.from_numpy(index.index.search(x.numpy(), k)[1]).sort(-1).values
+        assert not torch.equal(order, unbudgeted)
 
 
 def test_the_scan_budget_is_a_share_of_the_keys_and_at_least_64_per_result():
@@ -243,8 +250,15 @@ def test_without_the_compiled_extension_ivf_searches_by_faiss_and_flat_by_torch(
 
 
 def test_compiled_search_leaves_few_queries_per_list_to_faiss():
-    """A decode step's queries would leave each IVF list almost empty of queries: faiss searches."""
+    """A decode step's queries would leave each IVF list almost empty of queries: faiss searches.
+    Under a scan budget a query probes fewer lists than nprobe: 20 queries * 8 probes would give
+    each of the 8 lists 20 queries, but a budget of 640 keys (64 per result) stops them after ~3
+    lists of ~250 keys, ~7 queries per list."""
     assert filled_index("ivf")._compiled_search(torch.randn(3, 16), 10) is None
+    budget = filled_index("ivf", nprobe=8, scan_fraction=0.01)
+    budget.search(torch.randn(300, 16), 10)  # sets the budget: 640 keys
+    assert budget._compiled_search(torch.randn(20, 16), 10) is None
+    assert budget._compiled_search(torch.randn(40, 16), 10) is not None
 
 
 def test_grouped_ivf_search_gives_the_faiss_search_result_in_the_kernel(monkeypatch):

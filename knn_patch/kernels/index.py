@@ -67,7 +67,8 @@ NORM_MARGIN = 1.25  # HNSW's L2 reduction radius over the largest key norm seen 
 GROUPED_MIN_QUERIES = 8
 # An IVF query scans at least this many keys per result it returns, whatever `scan_fraction`: at
 # short lengths a share of the keys is too few to hold the best k (recall@32 of layers 20 / 29 of
-# SmolLM2 at 4k tokens: 0.86 / 0.89 with 12.5% of the keys alone, 0.99 / 0.98 with this floor).
+# SmolLM2 at 4k tokens: 0.86 / 0.89 with 12.5% of the keys alone, 0.99 / 0.98 with this floor;
+# `knn-patch faiss-bench recall --layers 3 10 20 29` at commits 7020b79 and 2d28f36).
 SCAN_PER_RESULT = 64
 
 # Default options: scan_fraction/ef_search chosen for recall@k >= 0.9 on SmolLM2 activations (see
@@ -353,8 +354,10 @@ class KeyIndex:
         if self.kind == "flat" or not self.trained:
             vals, ids, _ = scores_topk(x[None], _flat_vectors(self.index)[None], k)
             return vals, torch.where(vals > -math.inf, ids, -1)
-        nprobe = self.index.nprobe
-        if x.shape[0] * nprobe < GROUPED_MIN_QUERIES * self.nlist or not extension_available():
+        nprobe, max_codes = self.index.nprobe, self.index.max_codes
+        # lists a query probes: nprobe, or fewer under a scan budget (lists of ntotal / nlist keys on average)
+        probed = nprobe if not max_codes else min(nprobe, math.ceil(max_codes * self.nlist / self.ntotal))
+        if x.shape[0] * probed < GROUPED_MIN_QUERIES * self.nlist or not extension_available():
             return None
         if self._lists is None:
             inv, lists = self.index.invlists, range(self.nlist)
@@ -366,7 +369,7 @@ class KeyIndex:
                     [inv.list_size(i) for i in lists],
                 )
             )
-        return ivf_topk(x, _flat_vectors(self._quantizer), self._lists, k, nprobe, self.index.max_codes)
+        return ivf_topk(x, _flat_vectors(self._quantizer), self._lists, k, nprobe, max_codes)
 
     def clone(self) -> KeyIndex:
         """An independent copy (beam search may keep one row twice)."""

@@ -272,7 +272,8 @@ std::vector<torch::Tensor> tail_sample(torch::Tensor top, torch::Tensor row_end,
 // lists on their own, one inner product at a time; attention sends hundreds of queries to each
 // list, so here each list is scored once for all the queries probing it, by small GEMMs.
 //   0. the probes: a query's lists in decreasing centroid inner product, at most nprobe, and
-//      no more once they hold max_codes keys (max_codes > 0), as in faiss's IVF search.
+//      no more once they hold max_codes keys (max_codes > 0); as in faiss's IVF search, the list
+//      that crosses max_codes is scanned up to it only (over its first keys).
 //   1. a bar per query, from a sample of its best probes (an evenly strided <= kFirstKeys keys of
 //      each, until sample_keys): its keys go round G >= 2k groups and the bar is the k-th largest
 //      group maximum, so at least k distinct keys reach it.
@@ -324,8 +325,8 @@ struct ListPicker {
 };
 
 // The first j of lists[0..n) in ranks_above's order of (score[list], list), written to out in
-// any order; j is the smallest with j == cap, or weight(out[0..j)) >= budget when budget > 0, or
-// n. The lists are bucketed by score, so that only the bucket where j falls is sorted: O(n), with
+// any order but one: when the budget ends the choice, out[j - 1] is the list that reached it. j is
+// the smallest with j == cap, or weight(out[0..j)) >= budget when budget > 0, or n. The lists are bucketed by score, so that only the bucket where j falls is sorted: O(n), with
 // branch-free loops (this runs for every query over every list).
 template <class Weight>
 int64_t best_lists(const float* score, const int64_t* lists, int64_t n, int64_t cap, int64_t budget,
@@ -483,7 +484,7 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
         const float* score = cscore.data() + r * nlist;
         const int64_t np = best_lists(score, all_lists.data(), nlist, nprobe, max_codes,
                                       [&](int64_t l) { return size[l]; }, picked.data(), picker);
-        // as in faiss, the list that crosses max_codes is scanned up to it only: over its first keys
+        // the list that crossed max_codes (last in `picked`) is scanned up to it only
         int64_t total = 0;
         for (int64_t i = 0; i < np; ++i) total += size[picked[i]];
         const bool cut = max_codes > 0 && total > max_codes;  // then picked[np - 1] crossed it
