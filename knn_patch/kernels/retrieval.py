@@ -89,20 +89,22 @@ def _explicit_masks(
     n_sinks: int,
     local_window: int,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Visibility and forcing of the explicit keys (positions ws..p1-1) for the block's queries (rows
     q0.., positions p0..p1-1): (C, E) tensors shared by every head, or (B|1, 1|Hkv, 1|G, C, E) with
-    a mask; forced is None when nothing is. Built per block, not per score row, so that no position
-    tensor of the scores' size is materialised. `is_sink` (B|1, Lk) with a mask, else None."""
+    a mask; each None when it holds nothing (no mask; no sink or window). A query's keys past its
+    own position are left to the ranking, which stops each row there (`topk_rows`' row_end).
+    Built per block, not per score row, so that no position tensor of the scores' size is
+    materialised. `is_sink` (B|1, Lk) with a mask, else None."""
     kpos = torch.arange(ws, p1, device=device)
     qpos = torch.arange(p0, p1, device=device).unsqueeze(-1)  # (C, 1)
-    vis = kpos <= qpos  # (C, E)
-    if mask is not None:
-        vis = vis & mask[..., q0 : q0 + p1 - p0, ws:p1]
-    forced = vis & (kpos > qpos - local_window) if local_window else None
+    vis = None if mask is None else mask[..., q0 : q0 + p1 - p0, ws:p1]
+    forced = kpos > qpos - local_window if local_window else None
     if n_sinks:
         sink = kpos < n_sinks if is_sink is None else is_sink[:, ws:p1].view(-1, 1, 1, 1, p1 - ws)
-        forced = vis & sink if forced is None else forced | (vis & sink)
+        forced = sink if forced is None else forced | sink
+    if forced is not None and vis is not None:
+        forced = forced & vis
     return vis, forced
 
 
@@ -219,11 +221,12 @@ def retrieval_attention(
                 ranked[..., :n_sinks].masked_fill_(vis[..., :n_sinks], math.inf)  # the sink columns
             vis, forced = _explicit_masks(mask, is_sink, q0, p0, ws, p1, n_sinks, local_window, device)
             explicit = ranked[..., f:].unflatten(2, (g, c))  # (B, Hkv, G, C, p1 - ws), a view
-            explicit.masked_fill_(~vis, -math.inf)
+            if vis is not None:
+                explicit.masked_fill_(~vis, -math.inf)
             if forced is not None:
                 explicit.masked_fill_(forced, math.inf)
             take = min(width, ranked.shape[-1])
-            # a row's explicit columns past its own position are never visible: it ranks the ones before
+            # causality: a row ranks its explicit columns up to its own position only
             row_end = (f + p0 - ws + 1 + torch.arange(c, device=device)).repeat(b * hkv * g)
             # with nothing forced, every kept key is one of the k best: their order does not matter
             ranked_rows = topk_rows(ranked.flatten(0, -2), take, row_end, sorted=forced_any)
