@@ -326,8 +326,9 @@ struct ListPicker {
 
 // The first j of lists[0..n) in ranks_above's order of (score[list], list), written to out in
 // any order but one: when the budget ends the choice, out[j - 1] is the list that reached it. j is
-// the smallest with j == cap, or weight(out[0..j)) >= budget when budget > 0, or n. The lists are bucketed by score, so that only the bucket where j falls is sorted: O(n), with
-// branch-free loops (this runs for every query over every list).
+// the smallest with j == cap, or weight(out[0..j)) >= budget when budget > 0, or n. The lists are
+// bucketed by score, so that only the bucket where j falls is sorted: O(n), with branch-free
+// loops (this runs for every query over every list).
 template <class Weight>
 int64_t best_lists(const float* score, const int64_t* lists, int64_t n, int64_t cap, int64_t budget,
                    Weight&& weight, int64_t* out, ListPicker& ws) {

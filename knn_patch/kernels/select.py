@@ -134,7 +134,7 @@ def ivf_topk(
     each query probes the lists of its largest inner products with `centroids` (nlist, D), at most
     `nprobe`, and scans `max_codes` of their keys at most (0: no limit; the list that crosses it
     is scanned over its first keys), as faiss's IVF search does; every list is scored once for all
-    the queries probing it. `lists` holds the (nlist,) int64
-    tables of each list's vector pointer, id pointer and size (`KeyIndex`).
+    the queries probing it. `lists` holds the (nlist,) int64 tables of each list's vector pointer,
+    id pointer and size (`KeyIndex`).
     Compiled only: callers check `extension_available()` first and otherwise use faiss's own search."""
     return extension().ivf_topk(query.contiguous(), centroids, *lists, k, nprobe, max_codes)
