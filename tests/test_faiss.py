@@ -1,5 +1,6 @@
 """The faiss backend: flat equals exact top-k, k >= n equals dense, real-activation recall, bad input."""
 
+import functools
 import logging
 import math
 import sys
@@ -22,6 +23,7 @@ pytest.importorskip("faiss")
 get_invlist = pytest.importorskip("faiss.contrib.inspect_tools").get_invlist
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+NO_AMX = "needs the compiled extension on a CPU with AMX-BF16 (Sapphire Rapids or later)"
 SMALL_BLOCKS = {"block_size": 8, "sync_every": 8}  # so that a 40-token sequence really goes through the index
 
 
@@ -189,6 +191,12 @@ def test_ivf_keys_sit_at_their_nearest_l2_centroid_and_the_ivf_retrains_as_keys_
     assert not torch.equal(torch.from_numpy(once._centroids()), centroids)
 
 
+def amx_tolerance(x, keys):
+    """How far bf16x3 scores may stray from fp32's: ~3 * 2^-18 * |q| |k| (see select.cpp), with room."""
+    return 2**-15 * float(x.norm(dim=-1).max() * keys.norm(dim=-1).max())
+
+
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize(
     ("kind", "k", "nprobe", "scan_fraction"),
     [
@@ -199,11 +207,15 @@ def test_ivf_keys_sit_at_their_nearest_l2_centroid_and_the_ivf_retrains_as_keys_
         ("ivf", 5, 8, 0.3),
     ],
 )
-def test_compiled_search_equals_faiss_search(kind, k, nprobe, scan_fraction):
+def test_compiled_search_equals_faiss_search(kind, k, nprobe, scan_fraction, amx, monkeypatch):
     """The compiled flat and grouped IVF searches return faiss's own results: the same keys and
     scores (k=500 exceeds what some queries' 2 probed lists hold: the same -1 slots). With a scan
     budget (faiss's max_codes, which `search` sets: 640 = 64 per result, or 600 = 30% of the 2000
-    keys, ~250 per list) a query stops within its third list, scanning that one up to the budget."""
+    keys, ~250 per list) a query stops within its third list, scanning that one up to the budget.
+    On AMX the IVF's scores are bf16x3's, within `amx_tolerance` of fp32's."""
+    if amx and not select_module.amx_available():
+        pytest.skip(NO_AMX)
+    monkeypatch.setattr(index_module, "ivf_topk", functools.partial(select_module.ivf_topk, amx=amx))
     index = filled_index(kind, nprobe=nprobe, scan_fraction=scan_fraction)
     x = torch.randn(300, 16)  # 300 queries * 2 probes >= 8 per list * 8 lists: the grouped IVF path
     index.search(x, k)  # sets the budget
@@ -221,11 +233,35 @@ def test_compiled_search_equals_faiss_search(kind, k, nprobe, scan_fraction):
     # faiss fills empty slots with -FLT_MAX, the compiled search with -inf (`search` maps both to -inf)
     filled = torch.arange(k) < found.sum(-1, keepdim=True)  # the slots holding a key, best first
     theirs = torch.from_numpy(dist).sort(-1, descending=True).values
-    torch.testing.assert_close(mine[0].sort(-1, descending=True).values[filled], theirs[filled])
+    on_amx = amx and kind == "ivf"  # a flat index is scored in fp32 (`scores_topk`)
+    tolerance = {"rtol": 0, "atol": amx_tolerance(x, torch.from_numpy(index._stored_vectors()))} if on_amx else {}
+    torch.testing.assert_close(mine[0].sort(-1, descending=True).values[filled], theirs[filled], **tolerance)
     if scan_fraction is not None:  # the budget bites: without it faiss finds other keys
         index.index.max_codes = 0
         unbudgeted = torch.from_numpy(index.index.search(x.numpy(), k)[1]).sort(-1).values
         assert not torch.equal(order, unbudgeted)
+
+
+@pytest.mark.skipif(not select_module.amx_available(), reason=NO_AMX)
+@pytest.mark.parametrize("d", [40, 128])
+def test_amx_scan_finds_the_fp32_scans_keys(d):
+    """The AMX pass on dimensions that fill a tile partly (40 = 32 + 8) or take four tiles (128),
+    over lists of ~250 keys (partial 32-key blocks) and 300 queries (partial 16-query tiles): its
+    keys are the fp32 scan's up to near-ties (any key it swaps in scores within the tolerance of
+    fp32's k-th), and its scores are the keys' exact inner products within the tolerance."""
+    index = filled_index("ivf", d=d, nprobe=3, scan_fraction=0.3)
+    torch.manual_seed(1)
+    x = torch.randn(300, d)
+    index.search(x, 10)  # sets the budget
+    keys = torch.from_numpy(index._stored_vectors())
+    args = (x, index_module._flat_vectors(index._quantizer), index._lists, 10, index.index.nprobe, index.index.max_codes)
+    (ref_v, ref_i), (v, i) = (select_module.ivf_topk(*args, amx=amx) for amx in (False, True))
+    tol = amx_tolerance(x, keys)
+    exact = (x.unsqueeze(1) @ keys[i].transpose(-1, -2)).squeeze(1)  # (300, 10): the AMX keys' fp32 scores
+    torch.testing.assert_close(v, exact, rtol=0, atol=tol)
+    assert (exact >= ref_v.min(-1, keepdim=True).values - tol).all()
+    same = (i.sort(-1).values == ref_i.sort(-1).values).all(-1)
+    assert same.float().mean() > 0.95
 
 
 def test_the_scan_budget_is_a_share_of_the_keys_and_at_least_64_per_result():
@@ -261,21 +297,26 @@ def test_compiled_search_leaves_few_queries_per_list_to_faiss():
     assert budget._compiled_search(torch.randn(40, 16), 10) is not None
 
 
-def test_grouped_ivf_search_gives_the_faiss_search_result_in_the_kernel(monkeypatch):
+@pytest.mark.parametrize("amx", [False, True])
+def test_grouped_ivf_search_gives_the_faiss_search_result_in_the_kernel(amx, monkeypatch):
     """A full-sequence forward through a trained IVF: the compiled search serves it, and replacing
-    it by faiss's search changes nothing."""
+    it by faiss's search changes nothing; on AMX, nothing but a rare row whose k-th and (k+1)-th
+    keys are nearly tied (1 row of these 4800 swaps a key)."""
+    if amx and not select_module.amx_available():
+        pytest.skip(NO_AMX)
     torch.manual_seed(0)
     q, k = torch.randn(1, 4, 1200, 16), torch.randn(1, 2, 1200, 16)
     opts = validate_index_options({"index": "ivf", "block_size": 128, "nlist": 8, "nprobe": 3})
     calls = []
-    grouped = index_module.ivf_topk
+    grouped = functools.partial(select_module.ivf_topk, amx=amx)
     monkeypatch.setattr(index_module, "ivf_topk", lambda *a: calls.append(1) or grouped(*a))
     with torch.no_grad():
         out = retrieval_attention(q, k, k, k=8, options=opts)[0]
         assert calls, "the grouped IVF search was not used"
         monkeypatch.setattr(index_module.KeyIndex, "_compiled_search", lambda self, x, k: None)
         reference = retrieval_attention(q, k, k, k=8, options=opts)[0]
-    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    close = torch.isclose(out, reference, rtol=1e-5, atol=2e-5 if amx else 1e-6).all(-1)
+    assert close.float().mean() >= (0.999 if amx else 1.0)
 
 
 @pytest.fixture(scope="module")

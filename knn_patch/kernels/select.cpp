@@ -30,6 +30,11 @@
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -403,19 +408,23 @@ void cut_to_k(float* vals, int64_t* ids, int64_t* count, float* bar, int64_t k, 
   *bar = tau;
 }
 
-// The scores s[0..w) above *bar join the row's kept entries with their key ids; at cap entries,
-// they are cut back to the best k.
+// A score above *bar joins the row's kept entries (vals, ids, *count) with its key id; at cap entries
+// they are cut back to the best k. Returns whether that moved the bar.
+inline bool keep(float score, int64_t id, int64_t k, int64_t cap, float* bar, float* vals, int64_t* ids,
+                 int64_t* count, std::vector<float>& tmp, std::vector<int64_t>& ties) {
+  vals[*count] = score;
+  ids[*count] = id;
+  if (++*count < cap) return false;
+  cut_to_k(vals, ids, count, bar, k, tmp, ties);
+  return true;
+}
+
+// The scores s[0..w) above *bar are kept (`keep`) with their key ids.
 void keep_above(const float* s, const int64_t* key_ids, int64_t w, int64_t k, int64_t cap, float* bar, float* vals,
                 int64_t* ids, int64_t* count, std::vector<float>& tmp, std::vector<int64_t>& ties) {
   float b = *bar;
   int64_t c = *count;
-  auto offer = [&](int64_t j) {
-    vals[c] = s[j];
-    ids[c] = key_ids[j];
-    if (++c == cap) {
-      cut_to_k(vals, ids, &c, &b, k, tmp, ties);
-    }
-  };
+  auto offer = [&](int64_t j) { keep(s[j], key_ids[j], k, cap, &b, vals, ids, &c, tmp, ties); };
   int64_t j = 0;
 #if defined(__SSE2__)
   for (; j + 16 <= w; j += 16) {
@@ -436,10 +445,182 @@ void keep_above(const float* s, const int64_t* key_ids, int64_t w, int64_t k, in
   *count = c;
 }
 
+// ---- Pass 2 on AMX (Intel's tile unit: Sapphire Rapids and later) ----
+// Each fp32 x is split into bf16 hi = round(x) and lo = round(x - hi), and q.k is taken as
+// qh.kh + qh.kl + ql.kh ("bf16x3"), accumulated in fp32 by the tile unit: what it drops, ql.kl and
+// lo's rounding, is ~3 * 2^-18 of |q_i k_i| per term, so the scores are within ~1e-5 * |q| |k| of
+// fp32's, the order of fp32's own rounding over D terms. A 16 x 16 block of (key, query) scores
+// costs 3 tile products per 32 dimensions, ~5x the fp32 FMA rate.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define KNN_PATCH_AMX 1
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// Whether this CPU has AMX-BF16 and AVX512-BF16 and Linux lets this process use the tile state
+// (asked once, as oneDNN does).
+bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = d >> 24 & 1, bf16 = d >> 22 & 1, avx512 = (b >> 16 & 1) && (b >> 30 & 1);  // F, BW
+    if (!tile || !bf16 || !avx512 || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile used is 16 rows of 64 bytes: 16 x 32 bf16, or 16 x 16 fp32. (Static: GCC's
+// _tile_loadconfig tells the compiler it reads 8 bytes, which let it drop the stores to a local.)
+AMX_TARGET void amx_begin() {
+  static const TileConfig cfg = [] {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) {
+      c.rows[t] = 16;
+      c.colsb[t] = 64;
+    }
+    return c;
+  }();
+  _tile_loadconfig(&cfg);
+}
+
+AMX_TARGET void amx_end() { _tile_release(); }
+
+// Rows x (n, d) fp32, `stride` floats apart, as bf16 hi and lo rows (n, dpad), dpad a multiple of
+// 32, zero beyond d.
+AMX_TARGET void split_rows(const float* x, int64_t n, int64_t stride, int64_t d, int64_t dpad, uint16_t* hi,
+                           uint16_t* lo) {
+  const __m512i half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), top = _mm512_set1_epi32(-65536);
+  for (int64_t i = 0; i < n; ++i, x += stride, hi += dpad, lo += dpad) {
+    for (int64_t c = 0; c < dpad; c += 32) {
+      __m512 h[2], l[2];
+      for (int t = 0; t < 2; ++t) {
+        const int64_t left = std::clamp<int64_t>(d - c - 16 * t, 0, 16);
+        const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << left) - 1), x + c + 16 * t);
+        const __m512i u = _mm512_castps_si512(v);  // rounded to nearest even at 16 bits, as fp32
+        const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+        h[t] = _mm512_castsi512_ps(_mm512_and_si512(r, top));
+        l[t] = _mm512_sub_ps(v, h[t]);
+      }
+      _mm512_storeu_si512(hi + c, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(h[1], h[0])));
+      _mm512_storeu_si512(lo + c, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(l[1], l[0])));
+    }
+  }
+}
+
+// out[c][j] = row j's 32-bit word c, for 16 rows of 16 words at x + rows[j] * stride (bf16 units).
+AMX_TARGET void transpose16(const uint16_t* x, const int32_t* rows, int64_t stride, uint32_t* out) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    const __m512i a = _mm512_loadu_si512(x + rows[2 * i] * stride), b = _mm512_loadu_si512(x + rows[2 * i + 1] * stride);
+    t[2 * i] = _mm512_unpacklo_epi32(a, b);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(a, b);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + j], 128-bit lane L: word 4L + j of rows 4i .. 4i + 3
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88), v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xDD);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88),
+                  v3 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xDD);
+    _mm512_storeu_si512(out + 16 * j, _mm512_shuffle_i32x4(v0, v2, 0x88));
+    _mm512_storeu_si512(out + 16 * (j + 8), _mm512_shuffle_i32x4(v0, v2, 0xDD));
+    _mm512_storeu_si512(out + 16 * (j + 4), _mm512_shuffle_i32x4(v1, v3, 0x88));
+    _mm512_storeu_si512(out + 16 * (j + 12), _mm512_shuffle_i32x4(v1, v3, 0xDD));
+  }
+}
+
+// Buffers of one thread's AMX scans.
+struct AmxScan {
+  int64_t dpad = 0;
+  std::vector<uint16_t> qhi, qlo;  // the chunk's queries, split: (rows, dpad)
+  std::vector<uint16_t> khi, klo;  // a list's keys, split: (n rounded up to 32, dpad), zero past n
+  std::vector<uint32_t> bhi, blo;  // 16 queries as tile B: dpad / 32 tiles of 16 dimension pairs x 16 queries
+  alignas(64) float c[2 * 16 * 16];  // two tiles of scores: 32 keys x 16 queries
+};
+
+// Scores n keys of one list (rows of d floats, `stride` floats apart) against its queries rows[0..nq)
+// (chunk rows, split in s.qhi / s.qlo), 16 queries by 32 keys at a time. Row r sees keys j < limit(r)
+// only, and offer(r, score, j) gets each score above bar[r], returning whether it moved the bar.
+template <class Limit, class Offer>
+AMX_TARGET void amx_scan_list(const float* keys, int64_t n, int64_t stride, int64_t d, const int64_t* rows,
+                              int64_t nq, const float* bar, AmxScan& s, Limit&& limit, Offer&& offer) {
+  const int64_t dpad = s.dpad, npad = (n + 31) / 32 * 32, units = dpad / 2;
+  s.khi.resize(npad * dpad);
+  s.klo.resize(npad * dpad);
+  split_rows(keys, n, stride, d, dpad, s.khi.data(), s.klo.data());
+  std::fill(s.khi.begin() + n * dpad, s.khi.end(), 0);
+  std::fill(s.klo.begin() + n * dpad, s.klo.end(), 0);
+  s.bhi.resize(units * 16);
+  s.blo.resize(units * 16);
+  for (int64_t a = 0; a < nq; a += 16) {
+    const int64_t m = std::min<int64_t>(16, nq - a);
+    alignas(64) int32_t row_of[16], lim[16];
+    for (int64_t j = 0; j < 16; ++j) {  // lanes past m repeat a query and see no key
+      row_of[j] = static_cast<int32_t>(rows[a + std::min(j, m - 1)]);
+      lim[j] = j < m ? static_cast<int32_t>(limit(row_of[j])) : 0;
+    }
+    for (int64_t h = 0; h < dpad / 32; ++h) {  // tile B of dimensions 32h.. : the queries' pairs, transposed
+      transpose16(s.qhi.data() + 32 * h, row_of, dpad, s.bhi.data() + 256 * h);
+      transpose16(s.qlo.data() + 32 * h, row_of, dpad, s.blo.data() + 256 * h);
+    }
+    const __m512i row_v = _mm512_load_si512(row_of), lim_v = _mm512_load_si512(lim);
+    __m512 bar_v = _mm512_i32gather_ps(row_v, bar, 4);
+    for (int64_t g = 0; g < npad; g += 32) {
+      const uint16_t* kh = s.khi.data() + g * dpad;
+      const uint16_t* kl = s.klo.data() + g * dpad;
+      const int64_t bytes = dpad * 2;  // per key row
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t h = 0; h < dpad / 32; ++h) {
+        _tile_loadd(2, s.bhi.data() + h * 256, 64);
+        _tile_loadd(3, s.blo.data() + h * 256, 64);
+        _tile_loadd(4, kh + h * 32, bytes);
+        _tile_loadd(5, kl + h * 32, bytes);
+        _tile_loadd(6, kh + 16 * dpad + h * 32, bytes);
+        _tile_loadd(7, kl + 16 * dpad + h * 32, bytes);
+        _tile_dpbf16ps(0, 4, 2);
+        _tile_dpbf16ps(1, 6, 2);
+        _tile_dpbf16ps(0, 4, 3);
+        _tile_dpbf16ps(1, 6, 3);
+        _tile_dpbf16ps(0, 5, 2);
+        _tile_dpbf16ps(1, 7, 2);
+      }
+      _tile_stored(0, s.c, 64);
+      _tile_stored(1, s.c + 256, 64);
+      for (int64_t i = 0, last = std::min<int64_t>(32, n - g); i < last; ++i) {
+        const int32_t j = static_cast<int32_t>(g + i);
+        __mmask16 hit = _mm512_cmp_ps_mask(_mm512_load_ps(s.c + 16 * i), bar_v, _CMP_GT_OQ) &
+                        _mm512_cmpgt_epi32_mask(lim_v, _mm512_set1_epi32(j));
+        bool moved = false;
+        for (; hit; hit &= hit - 1) {
+          const int t = __builtin_ctz(hit);
+          moved |= offer(row_of[t], s.c[16 * i + t], j);
+        }
+        if (moved) bar_v = _mm512_i32gather_ps(row_v, bar, 4);
+      }
+    }
+  }
+}
+#else
+bool amx_usable() { return false; }
+#endif
+
 }  // namespace
 
+bool amx_available() { return amx_usable(); }
+
 std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, torch::Tensor codes, torch::Tensor ids,
-                                    torch::Tensor sizes, int64_t k, int64_t nprobe, int64_t max_codes) {
+                                    torch::Tensor sizes, int64_t k, int64_t nprobe, int64_t max_codes,
+                                    bool use_amx) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kFloat32,
               "q must be a contiguous (R, D) float32 tensor");
   TORCH_CHECK(centroids.dim() == 2 && centroids.size(0) == sizes.numel() && centroids.size(1) == q.size(1) &&
@@ -464,9 +645,21 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
   // Threads take disjoint query chunks; a chunk holds enough queries that every list it probes
   // is scored by one GEMM of many rows.
   const int64_t chunk = std::max<int64_t>(256, (rows + at::get_num_threads() - 1) / at::get_num_threads());
+  const int64_t dpad = (dim + 31) / 32 * 32;
+  // pass 2 on AMX when asked and present (the tile gathers index a chunk's split queries in int32)
+  const bool amx = use_amx && amx_usable() && chunk * dpad < std::numeric_limits<int32_t>::max();
   at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
     at::NoGradGuard no_grad;
+#ifdef KNN_PATCH_AMX
+    AmxScan tiles;
+    if (amx) {
+      tiles.dpad = dpad;
+      tiles.qhi.resize(chunk * dpad);
+      tiles.qlo.resize(chunk * dpad);
+    }
+#endif
     std::vector<float> qbuf(kRowTile * dim), sbuf(kRowTile * kColTile), vals(chunk * cap), bar(chunk),
+        no_bar(chunk, -std::numeric_limits<float>::infinity()),
         gmax(chunk * groups), cscore(chunk * nlist);
     // probes[r * nprobe ..] holds query r's n_probes[r] lists, the n_first[r] sampled by pass 1 first
     std::vector<int64_t> kept_ids(chunk * cap), count(chunk), next_group(chunk), start(nlist + 1), fill(nlist),
@@ -505,7 +698,8 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
       // Score each query r's probes p < n[r], list by list, over an evenly strided `limit` keys of
       // each list at most: on_tile(r, l, j0, s, w, key_ids) gets the scores s[0..w) of list l's
       // keys j0 .. j0 + w - 1 scored for query r, and (when the list is not strided) their ids.
-      auto scan = [&](const std::vector<int64_t>& n, int64_t limit, auto&& on_tile) {
+      // by_list[start[l] .. start[l + 1]) = the queries r with l among their first n[r] probes
+      auto group = [&](const std::vector<int64_t>& n) {
         std::fill(start.begin(), start.end(), 0);
         for (int64_t r = 0; r < nr; ++r)
           for (int64_t p = 0; p < n[r]; ++p) ++start[probes[r * nprobe + p] + 1];
@@ -514,6 +708,9 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
         by_list.resize(start[nlist]);
         for (int64_t r = 0; r < nr; ++r)
           for (int64_t p = 0; p < n[r]; ++p) by_list[fill[probes[r * nprobe + p]]++] = r;
+      };
+      auto scan = [&](const std::vector<int64_t>& n, int64_t limit, auto&& on_tile) {
+        group(n);
         for (int64_t l = 0; l < nlist; ++l) {
           const int64_t step = size[l] > limit ? (size[l] + limit - 1) / limit : 1;
           const int64_t n_keys = (size[l] + step - 1) / step;
@@ -533,18 +730,39 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
         }
       };
 
-      // pass 1
+      // pass 1: a query's sampled keys go round its groups in scan order
       std::fill(gmax.begin(), gmax.end(), -std::numeric_limits<float>::infinity());
       std::fill(next_group.begin(), next_group.end(), 0);
-      scan(n_first, kFirstKeys, [&](int64_t r, int64_t, int64_t, const float* s, int64_t w, const int64_t*) {
-        float* g = gmax.data() + r * groups;
-        for (int64_t t = 0; t < w;) {  // the query's keys go round the groups in scan order
-          const int64_t at = next_group[r], n = std::min(groups - at, w - t);
-          max_into(g + at, s + t, n);
-          t += n;
-          next_group[r] = (at + n) % groups;
+#ifdef KNN_PATCH_AMX
+      if (amx) {
+        split_rows(qp + r0 * dim, nr, dim, dim, dpad, tiles.qhi.data(), tiles.qlo.data());
+        amx_begin();
+        group(n_first);
+        for (int64_t l = 0; l < nlist; ++l) {
+          if (start[l] == start[l + 1]) continue;
+          const int64_t step = (size[l] + kFirstKeys - 1) / kFirstKeys, n_keys = (size[l] + step - 1) / step;
+          amx_scan_list(
+              reinterpret_cast<const float*>(code_ptr[l]), n_keys, step * dim, dim, by_list.data() + start[l],
+              start[l + 1] - start[l], no_bar.data(), tiles, [&](int64_t) { return n_keys; },
+              [&](int64_t r, float score, int64_t) {
+                float& g = gmax[r * groups + next_group[r]];
+                g = std::max(g, score);
+                next_group[r] = next_group[r] + 1 == groups ? 0 : next_group[r] + 1;
+                return false;
+              });
         }
-      });
+      }
+#endif
+      if (!amx)
+        scan(n_first, kFirstKeys, [&](int64_t r, int64_t, int64_t, const float* s, int64_t w, const int64_t*) {
+          float* g = gmax.data() + r * groups;
+          for (int64_t t = 0; t < w;) {  // vectorised: runs of consecutive groups
+            const int64_t at = next_group[r], n = std::min(groups - at, w - t);
+            max_into(g + at, s + t, n);
+            t += n;
+            next_group[r] = (at + n) % groups;
+          }
+        });
       for (int64_t r = 0; r < nr; ++r) {
         float* g = gmax.data() + r * groups;
         std::nth_element(g, g + (k - 1), g + groups, std::greater<float>());
@@ -552,13 +770,32 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
         count[r] = 0;
       }
       // pass 2
-      scan(n_probes, std::numeric_limits<int64_t>::max(), [&](int64_t r, int64_t l, int64_t j0, const float* s,
-                                                              int64_t w, const int64_t* key_ids) {
-        if (l == cut_list[r]) w = std::min(w, cut_keys[r] - j0);
-        if (w > 0)
-          keep_above(s, key_ids, w, k, cap, &bar[r], vals.data() + r * cap, kept_ids.data() + r * cap, &count[r],
-                     tmp, ties);
-      });
+#ifdef KNN_PATCH_AMX
+      if (amx) {
+        group(n_probes);
+        for (int64_t l = 0; l < nlist; ++l) {
+          if (start[l] == start[l + 1]) continue;
+          const auto* key_ids = reinterpret_cast<const int64_t*>(id_ptr[l]);
+          amx_scan_list(
+              reinterpret_cast<const float*>(code_ptr[l]), size[l], dim, dim, by_list.data() + start[l],
+              start[l + 1] - start[l], bar.data(), tiles,
+              [&](int64_t r) { return l == cut_list[r] ? cut_keys[r] : size[l]; },
+              [&](int64_t r, float score, int64_t j) {
+                return keep(score, key_ids[j], k, cap, &bar[r], vals.data() + r * cap, kept_ids.data() + r * cap,
+                            &count[r], tmp, ties);
+              });
+        }
+        amx_end();
+      }
+#endif
+      if (!amx)
+        scan(n_probes, std::numeric_limits<int64_t>::max(), [&](int64_t r, int64_t l, int64_t j0, const float* s,
+                                                                int64_t w, const int64_t* key_ids) {
+          if (l == cut_list[r]) w = std::min(w, cut_keys[r] - j0);
+          if (w > 0)
+            keep_above(s, key_ids, w, k, cap, &bar[r], vals.data() + r * cap, kept_ids.data() + r * cap,
+                       &count[r], tmp, ties);
+        });
       for (int64_t r = 0; r < nr; ++r) {
         if (count[r] > k)
           cut_to_k(vals.data() + r * cap, kept_ids.data() + r * cap, &count[r], &bar[r], k, tmp, ties);
@@ -575,4 +812,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scores_topk", &scores_topk, "Exact top-k of q @ key^T per row (and its tail sample), scores kept in cache");
   m.def("tail_sample", &tail_sample, "Uniform distinct keys per row outside its top-k, and their log-weights");
   m.def("ivf_topk", &ivf_topk, "Top-k inner products over probed IVF lists, grouped by list");
+  m.def("amx_available", &amx_available, "Whether ivf_topk can score on AMX tiles here");
 }
