@@ -234,7 +234,8 @@ def test_compiled_search_equals_faiss_search(kind, k, nprobe, scan_fraction, amx
     filled = torch.arange(k) < found.sum(-1, keepdim=True)  # the slots holding a key, best first
     theirs = torch.from_numpy(dist).sort(-1, descending=True).values
     on_amx = amx and kind == "ivf"  # a flat index is scored in fp32 (`scores_topk`)
-    tolerance = {"rtol": 0, "atol": amx_tolerance(x, torch.from_numpy(index._stored_vectors()))} if on_amx else {}
+    keys = torch.from_numpy(index._stored_vectors()) if on_amx else None
+    tolerance = {"rtol": 0, "atol": amx_tolerance(x, keys)} if on_amx else {}
     torch.testing.assert_close(mine[0].sort(-1, descending=True).values[filled], theirs[filled], **tolerance)
     if scan_fraction is not None:  # the budget bites: without it faiss finds other keys
         index.index.max_codes = 0
@@ -254,7 +255,8 @@ def test_amx_scan_finds_the_fp32_scans_keys(d):
     x = torch.randn(300, d)
     index.search(x, 10)  # sets the budget
     keys = torch.from_numpy(index._stored_vectors())
-    args = (x, index_module._flat_vectors(index._quantizer), index._lists, 10, index.index.nprobe, index.index.max_codes)
+    centroids = index_module._flat_vectors(index._quantizer)
+    args = (x, centroids, index._lists, 10, index.index.nprobe, index.index.max_codes)
     (ref_v, ref_i), (v, i) = (select_module.ivf_topk(*args, amx=amx) for amx in (False, True))
     tol = amx_tolerance(x, keys)
     exact = (x.unsqueeze(1) @ keys[i].transpose(-1, -2)).squeeze(1)  # (300, 10): the AMX keys' fp32 scores
