@@ -176,6 +176,31 @@ def test_fused_selection_draws_the_tail_sample_with_its_scores():
     assert (vals[:, 5:][~used] == -math.inf).all() and (sample[~used] == 0).all()
 
 
+def test_fused_selection_with_a_floor_ranks_only_the_scores_above_it(monkeypatch):
+    """With `floor`, a row's top-k is taken among its scores >= floor only (fewer come back, -inf
+    after them): compiled and torch paths alike; a -inf floor changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    q, key = torch.randn(2, 50, 8, generator=g), torch.randn(2, 60, 8, generator=g)
+    ends = torch.randint(1, 61, (100,), generator=g)
+    scores = (
+        (q @ key.transpose(-1, -2))
+        .reshape(100, 60)
+        .masked_fill(torch.arange(60) >= ends.unsqueeze(-1), -math.inf)
+    )
+    floor = scores.topk(8, -1).values[:, -1]  # the 8th best of each row: the best 5 of >= 8 scores pass
+    floor[::3] = -math.inf
+    floor[1::3] = math.inf  # nothing passes
+    expected = scores.masked_fill(scores < floor.unsqueeze(-1), -math.inf).topk(5).values
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(select, "extension", lambda: None)
+        vals, idx, _ = scores_topk(q, key, 5, ends, floor=floor)
+        torch.testing.assert_close(vals.sort(-1, descending=True).values, expected)
+        found = vals > -math.inf
+        torch.testing.assert_close(vals[found], scores.gather(1, idx)[found])
+    assert (vals[1::3] == -math.inf).all() and (vals[::3] > -math.inf).any()
+
+
 def test_tail_sample_takes_a_short_tail_whole_and_an_empty_one_not_at_all(prefix_sampler):
     top = torch.tensor([[2, 4, 1, 0], [3, 1, 0, 2]])
     idx, logw = tail_sample(top, 3, torch.Generator().manual_seed(0), ends=torch.tensor([6, 3]))

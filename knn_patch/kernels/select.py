@@ -100,6 +100,7 @@ def scores_topk(
     row_end: torch.Tensor | None = None,
     tail: int = 0,
     generator: torch.Generator | None = None,
+    floor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k of each row of query @ key^T: query (P, R, D), key (P, L, D) -> values and indices
     (P*R, k + tail), in no particular order (the compiled path skips the final sort), and log-weights.
@@ -110,14 +111,19 @@ def scores_topk(
     blocks of 64 rows into a per-thread buffer and selects and samples them while they are in
     cache, never writing the (R, L) scores out: ~1.6x faster than a matmul followed by `topk_rows`
     at L = 4096, and the samples cost no gather.
+    With `floor` (P*R,), row r ranks only its scores >= floor[r] (fewer than k may come back): a
+    caller that already holds k candidates scoring >= floor[r] skips the rest in one pass.
     """
     if key.dtype == query.dtype and fused_available(query.device, query.dtype):
         ends = torch.empty(0, dtype=torch.int64) if row_end is None else row_end.to(torch.int64).contiguous()
         seed = draw_seed(generator) if tail else 0
-        return extension().scores_topk(query.detach().contiguous(), key.detach(), k, ends, tail, seed)
+        low = torch.empty(0) if floor is None else floor.float().contiguous()
+        return extension().scores_topk(query.detach().contiguous(), key.detach(), k, ends, tail, seed, low)
     if tail:
         raise RuntimeError("scores_topk draws tail samples only compiled; check fused_available first.")
     scores = torch.matmul(query, key.transpose(-1, -2)).reshape(-1, key.shape[-2])  # (P*R, L)
+    if floor is not None:
+        scores = scores.masked_fill(scores < floor.unsqueeze(-1), -torch.inf)
     values, indices = topk_rows(scores, k, row_end)
     return values, indices, scores.new_zeros(scores.shape[0], 0, dtype=torch.float64)
 
