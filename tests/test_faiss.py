@@ -104,6 +104,25 @@ def test_kernel_flat_without_grad_scores_retrieved_keys_by_faiss_and_equals_topk
 
 
 @pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
+def test_plain_blocks_equal_the_general_path(index, monkeypatch):
+    """Without mask, forced keys or gradients a block takes the compiled explicit top-k and a
+    softmax over 2k candidates (`_plain_block`); asking for the kept positions takes the general
+    path, which ranks every candidate: the same outputs (GQA, ivf trained within the call)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 600, 16), torch.randn(1, 2, 600, 16), torch.randn(1, 2, 600, 16)
+    opts = validate_index_options({"index": index, "block_size": 64, "nlist": 4, "nprobe": 2})
+    blocks = []
+    plain = retrieval_module._plain_block
+    monkeypatch.setattr(retrieval_module, "_plain_block", lambda *a: blocks.append(1) or plain(*a))
+    with torch.no_grad():
+        out = retrieval_attention(q, k, v, k=8, options=opts)[0]
+        assert len(blocks) == 600 // 64 + 1
+        general = retrieval_attention(q, k, v, k=8, options=opts, return_positions=True)[0]
+    assert len(blocks) == 600 // 64 + 1
+    torch.testing.assert_close(out, general)
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
 def test_k_at_least_n_equals_dense(index):
     ids, mask = left_padded(pad=(0, 5))
     model = tiny_model("llama")

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .index import TRAIN_POINTS_PER_LIST, KeyIndexes, resolve_nlist
-from .select import topk_rows
+from .select import fused_available, scores_topk, topk_rows
 
 
 def _row_table(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -173,6 +173,11 @@ def retrieval_attention(
     rescore = needs_grad or acc != torch.float32
     width = k + sink_tokens + local_window
     forced_any = bool(sink_tokens or local_window)  # then `keep` below needs the candidates sorted
+    # Without a mask, forced keys, gradients or extras, a block needs each query's k best explicit keys
+    # only: the compiled `scores_topk` selects them without writing the (rows, explicit keys) scores
+    # out, and a softmax over the 2k candidates follows.
+    plain = mask is None and not forced_any and not rescore and softcap is None and not dropout
+    plain = plain and not return_positions and fused_available(device, acc)
     outs, kept = [], []
     with torch.autocast(device_type=device.type, enabled=False):
         q_all = query.to(acc).view(b, hkv, g, lq, d)  # the heads of one KV group together (a view)
@@ -185,6 +190,10 @@ def retrieval_attention(
                 indexes.sync(key, ws, index_valid, first=n_sinks if mask is None else 0)
             ws = indexes.seen  # keys from here on (at most sync_every - 1 beyond the window) are explicit
             qb = q_all[:, :, :, q0:q1].reshape(b, hkv, g * c, d)  # (B, Hkv, G*C, D)
+            if plain:
+                out = _plain_block(qb, k_all, v_all, indexes, k, scale, ws, p0, p1)
+                outs.append(out.view(b, hkv, g, c, dv))
+                continue
 
             # front columns: the sinks before ws and the retrieved keys, all before any query's window
             ret, ret_s = indexes.search(qb, k)  # (B, Hkv, G*C, k'), k' = 0 while the index is empty
@@ -253,6 +262,40 @@ def retrieval_attention(
     out = torch.cat(outs, 3).view(b, hq, lq, dv).to(query.dtype)  # (B, Hkv, G, Lq, Dv) -> (B, Hq, Lq, Dv)
     positions = torch.cat(kept, 3).view(b, hq, lq, width) if return_positions else None
     return out, positions
+
+
+def _plain_block(
+    qb: torch.Tensor,
+    k_all: torch.Tensor,
+    v_all: torch.Tensor,
+    indexes: KeyIndexes,
+    k: int,
+    scale: float,
+    ws: int,
+    p0: int,
+    p1: int,
+) -> torch.Tensor:
+    """One block of `retrieval_attention` without mask, forced keys or gradients: queries qb
+    (B, Hkv, R, D), R = G*C at positions p0..p1-1 (row-major in (G, C)), keys and values (B, Hkv, L, E)
+    fp32. Each query's k best of (its index top-k, its k best explicit keys ws..its position) get one
+    softmax: the same keys as the general path. Returns (B, Hkv, R, Dv)."""
+    b, hkv, r, d = qb.shape
+    c = p1 - p0
+    ret, ret_s = indexes.search(qb, k)  # (B, Hkv, R, k'), scores None when returned unsearched
+    if ret.shape[-1] and ret_s is None:
+        ret_s = (_gather(k_all, ret) @ qb.unsqueeze(-1)).squeeze(-1).masked_fill(ret < 0, -math.inf)
+    row_end = (p0 - ws + 1 + torch.arange(c, device=qb.device)).repeat(b * hkv * (r // c))  # causal
+    # an explicit key below a row's k-th retrieved score cannot rank (-inf while fewer are retrieved)
+    floor = ret_s.reshape(-1, ret.shape[-1]).amin(-1) if ret.shape[-1] >= k else None
+    explicit = k_all[:, :, ws:p1].reshape(b * hkv, p1 - ws, d)
+    ev, ei, _ = scores_topk(qb.reshape(b * hkv, r, d), explicit, k, row_end, floor=floor)
+    s = torch.cat([ret_s.reshape(-1, ret.shape[-1]), ev], -1) if ret.shape[-1] else ev  # (B*Hkv*R, k' + k)
+    pos = torch.cat([ret.reshape(-1, ret.shape[-1]), ei + ws], -1) if ret.shape[-1] else ei + ws
+    vals, idx = topk_rows(s * scale, min(k, s.shape[-1]), sorted=False)
+    mx = vals.amax(-1, keepdim=True)
+    e = torch.exp(vals - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))  # -inf -> 0
+    p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)  # a row with no key stays zero
+    return _weighted_rows(v_all, pos.gather(-1, idx).view(b, hkv, r, -1), p.view(b, hkv, r, -1))
 
 
 class Recall(NamedTuple):
