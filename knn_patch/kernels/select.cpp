@@ -572,6 +572,8 @@ struct AmxScan {
   std::vector<uint32_t> bhi, blo;  // 16 queries as tile B: dpad / 32 tiles of 16 dimension pairs x 16 queries
   std::vector<float> gm;  // pass 1: (groups, 16 queries) group maxima
   alignas(64) float c[2 * 16 * 16];  // two tiles of scores: 32 keys x 16 queries
+  float hit_score[32 * 16 + 16];  // pass 2: a block's scores above the bar, their query rows and keys
+  int32_t hit_row[32 * 16 + 16], hit_key[32 * 16 + 16];
 };
 
 // The list's n keys (rows of d floats, `stride` floats apart) into s.khi / s.klo, zero-padded to a
@@ -718,17 +720,21 @@ AMX_TARGET void amx_scan_list(const float* keys, int64_t n, int64_t d, const int
     __m512 bar_v = _mm512_i32gather_ps(row_v, bar, 4);
     for (int64_t g = 0; g < n; g += 32) {
       amx_score(g, s);
+      // the scores above the bar, packed without a branch per key (a third of the keys have one)
+      int64_t found = 0;
       for (int64_t i = 0, last = std::min<int64_t>(32, n - g); i < last; ++i) {
-        const int32_t j = static_cast<int32_t>(g + i);
-        __mmask16 hit = _mm512_cmp_ps_mask(_mm512_load_ps(s.c + 16 * i), bar_v, _CMP_GT_OQ) &
-                        _mm512_cmpgt_epi32_mask(lim_v, _mm512_set1_epi32(j));
-        bool moved = false;
-        for (; hit; hit &= hit - 1) {
-          const int t = __builtin_ctz(hit);
-          moved |= offer(row_of[t], s.c[16 * i + t], j);
-        }
-        if (moved) bar_v = _mm512_i32gather_ps(row_v, bar, 4);
+        const __m512i j = _mm512_set1_epi32(static_cast<int32_t>(g + i));
+        const __m512 score = _mm512_load_ps(s.c + 16 * i);
+        const __mmask16 hit = _mm512_cmp_ps_mask(score, bar_v, _CMP_GT_OQ) & _mm512_cmpgt_epi32_mask(lim_v, j);
+        _mm512_storeu_ps(s.hit_score + found, _mm512_maskz_compress_ps(hit, score));
+        _mm512_storeu_si512(s.hit_row + found, _mm512_maskz_compress_epi32(hit, row_v));
+        _mm512_storeu_si512(s.hit_key + found, j);
+        found += __builtin_popcount(hit);
       }
+      bool moved = false;
+      for (int64_t e = 0; e < found; ++e)  // a cut may have raised a row's bar since
+        if (s.hit_score[e] > bar[s.hit_row[e]]) moved |= offer(s.hit_row[e], s.hit_score[e], s.hit_key[e]);
+      if (moved) bar_v = _mm512_i32gather_ps(row_v, bar, 4);
     }
   }
 }
