@@ -235,6 +235,20 @@ def test_compiled_selection_equals_torch_topk(rows, cols, k):
     assert torch.equal(any_idx.gather(-1, order)[filled], want.indices[filled])
 
 
+@pytest.mark.parametrize("sorted_", [True, False])
+def test_compiled_selection_on_many_ties_and_masked_keys_keeps_the_lowest_indices(sorted_):
+    """Scores of 5 values, a fifth of them masked (-inf) anywhere in the row: the selection's
+    buckets (kth_largest) see infinities and ties at every boundary; it keeps the k best, the lower
+    index first among equal scores, as a stable descending sort does."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (200, 300), generator=gen).float()
+    x[torch.rand(200, 300, generator=gen) < 0.2] = -math.inf
+    values, idx = topk_rows(x, 40, sorted=sorted_)
+    want = x.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(idx.sort(-1).values, want.indices[:, :40].sort(-1).values)
+    assert torch.equal(values.sort(-1, descending=True).values, want.values[:, :40])
+
+
 def test_compiled_selection_keeps_the_lower_index_on_ties():
     x = torch.zeros(3, 500)
     x[:, 100:110] = 1.0
