@@ -35,8 +35,9 @@ Index types (`index` option):
 
 Searches on CPU with many queries (a full-sequence block) run in the compiled extension instead
 of faiss's search, with the same results: a flat index is scored like the `topk` backend's keys,
-and an IVF index's lists are each scored once for all the queries probing them (`ivf_topk`);
-faiss still holds the lists and serves the other searches. See `KeyIndex._compiled_search`.
+and an IVF index's lists are each scored once for all the queries probing them (`ivf_topk`, on
+AMX tiles in bf16x3 where the CPU has them: the same keys but for near-ties); faiss still holds
+the lists and serves the other searches. See `KeyIndex._compiled_search`.
 """
 
 from __future__ import annotations

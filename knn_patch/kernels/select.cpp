@@ -358,16 +358,19 @@ std::vector<torch::Tensor> tail_sample(torch::Tensor top, torch::Tensor row_end,
 // The k largest inner products of each query over the inverted lists it probes, in a faiss
 // IndexIVFFlat: the IVF search of many queries at once. faiss's CPU search scans each query's
 // lists on their own, one inner product at a time; attention sends hundreds of queries to each
-// list, so here each list is scored once for all the queries probing it, by small GEMMs.
+// list, so here each list is scored once for all the queries probing it: by small fp32 GEMMs,
+// or, on a CPU with AMX-BF16 (`use_amx`), on the tile unit in bf16x3 (see "AMX" below).
 //   0. the probes: a query's lists in decreasing centroid inner product, at most nprobe, and
 //      no more once they hold max_codes keys (max_codes > 0); as in faiss's IVF search, the list
 //      that crosses max_codes is scanned up to it only (over its first keys).
 //   1. a bar per query, from a sample of its best probes (an evenly strided <= kFirstKeys keys of
-//      each, until sample_keys): its keys go round G >= 2k groups and the bar is the k-th largest
-//      group maximum, so at least k distinct keys reach it.
+//      each, until sample_keys): its keys are spread over G >= 2k groups (in scan order, or by
+//      key index on AMX) and the bar is the k-th largest group maximum, so at least k distinct
+//      keys reach it. (On AMX both passes score a key alike, so the bar holds for pass 2's scores.)
 //   2. all its probes: only scores above the bar are kept, in a buffer of 16k; a full buffer is
 //      cut back to its best k, whose k-th score becomes the bar. Most scores fall below the bar,
 //      and are skipped 16 at a time.
+//   3. a final cut of each query's kept entries to its best k.
 // (A bar from the exact top-k of the first probes cost more to select than the second pass saved.)
 //   q (R, D) float32; centroids (nlist, D) float32; codes, ids, sizes (nlist,) int64: each list's
 //   vectors (a float32 (size, D) array), ids (int64) and size, read from the index's

@@ -149,8 +149,8 @@ def ivf_topk(
     `nprobe`, and scans `max_codes` of their keys at most (0: no limit; the list that crosses it
     is scanned over its first keys), as faiss's IVF search does; every list is scored once for all
     the queries probing it. `lists` holds the (nlist,) int64 tables of each list's vector pointer,
-    id pointer and size (`KeyIndex`). With `amx` (and `amx_available()`) the second pass scores on
-    AMX tiles in bf16x3, within ~1e-5 * |q| |k| of fp32 (see select.cpp): ~4x faster on SmolLM2's
-    keys at 48k, the same keys but for near-ties.
+    id pointer and size (`KeyIndex`). With `amx` (and `amx_available()`) the lists are scored on
+    AMX tiles in bf16x3, within ~1e-5 * |q| |k| of fp32 (see select.cpp): the same keys but for
+    near-ties, in a fraction of the fp32 GEMMs' time (README, "Searching many queries at once").
     Compiled only: callers check `extension_available()` first and otherwise use faiss's own search."""
     return extension().ivf_topk(query.contiguous(), centroids, *lists, k, nprobe, max_codes, amx)
