@@ -82,8 +82,8 @@ std::pair<float, float> min_max(const float* x, int64_t n) {
 }
 
 // The k-th largest of v[0..n), 1 <= k <= n, no NaN: the values are bucketed between their minimum and
-// maximum (branch-free), and only the bucket holding the k-th is partially sorted. (nth_element
-// over all of them cost ~7% of a 64k forward in its mispredicted branches.)
+// maximum (branch-free), and only the bucket holding the k-th is partially sorted: nth_element
+// over all of them was dominated by its mispredicted branches (README, "AMX").
 float kth_largest(const float* v, int64_t n, int64_t k, std::vector<float>& tmp) {
   constexpr int64_t nb = 64;
   const auto [lo, hi] = min_max(v, n);
@@ -818,8 +818,8 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
   // is scored by one GEMM of many rows.
   const int64_t chunk = std::max<int64_t>(256, (rows + at::get_num_threads() - 1) / at::get_num_threads());
   const int64_t dpad = (dim + 31) / 32 * 32;
-  // pass 2 on AMX when asked and present (the tile gathers index a chunk's split queries in int32)
-  const bool amx = use_amx && amx_usable() && chunk * dpad < std::numeric_limits<int32_t>::max();
+  // both passes on AMX when asked and present (a query tile holds its chunk row numbers as int32)
+  const bool amx = use_amx && amx_usable() && chunk < std::numeric_limits<int32_t>::max();
   at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
     at::NoGradGuard no_grad;
     // Each thread keeps its buffers across calls (attention calls this for every block: fresh
