@@ -54,6 +54,19 @@ def _gather(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, flat.reshape(-1)).view(*pos.shape, e)
 
 
+def _scores_at(x: torch.Tensor, pos: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q . x[b, h, pos[..., t]]: x (B, Hkv, L, D), pos (B, Hkv, R, t), q (B, Hkv, R, D) -> (B, Hkv, R, t)."""
+    return (_gather(x, pos) @ q.unsqueeze(-1)).squeeze(-1)
+
+
+def _softmax(vals: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim, -inf where a slot holds no key; a row with no key gets zeros."""
+    mx = vals.amax(-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)).detach()
+    e = torch.exp(vals - mx)
+    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(vals.dtype).tiny)
+
+
 def _weighted_rows(x: torch.Tensor, pos: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """sum_t w[..., t] * x[b, h, pos[..., t]]: x (B, Hkv, L, E), pos and w (B, Hkv, R, t) -> (B, Hkv, R, E).
 
@@ -205,9 +218,8 @@ def retrieval_attention(
                 to_gather.append(ret)  # (B, Hkv, G*C, k')
             if to_gather:  # sinks (and retrieved keys when rescoring): gathered, then scored exactly
                 gathered = torch.cat(to_gather, -1)
-                kg = _gather(k_all, gathered)  # (B, Hkv, G*C, t, D)
                 front_pos.append(gathered)
-                parts_s.append((kg @ qb.unsqueeze(-1)).squeeze(-1))  # (B, Hkv, G*C, t)
+                parts_s.append(_scores_at(k_all, gathered, qb))  # (B, Hkv, G*C, t)
             if ret.shape[-1] and ret_s is not None and not rescore:  # the search's own inner products
                 front_pos.append(ret)
                 parts_s.append(ret_s)
@@ -244,10 +256,7 @@ def retrieval_attention(
             keep = (sel > -math.inf) & (is_forced | ((~is_forced).cumsum(-1) <= k))
 
             vals = s.gather(-1, idx).masked_fill(~keep, -math.inf)
-            mx = vals.amax(-1, keepdim=True)
-            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)).detach()
-            e = torch.exp(vals - mx)
-            p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)  # zero rows stay zero
+            p = _softmax(vals)
             if dropout > 0:
                 p = torch.nn.functional.dropout(p, dropout)
             sel_pos = idx + (ws - f)  # (B, Hkv, G*C, take): explicit column -> position
@@ -282,19 +291,17 @@ def _plain_block(
     b, hkv, r, d = qb.shape
     c = p1 - p0
     ret, ret_s = indexes.search(qb, k)  # (B, Hkv, R, k'), scores None when returned unsearched
-    if ret.shape[-1] and ret_s is None:
-        ret_s = (_gather(k_all, ret) @ qb.unsqueeze(-1)).squeeze(-1).masked_fill(ret < 0, -math.inf)
+    if ret_s is None:  # k' may be 0 (an empty index): the tensors below are then empty
+        ret_s = _scores_at(k_all, ret, qb).masked_fill(ret < 0, -math.inf)
     row_end = (p0 - ws + 1 + torch.arange(c, device=qb.device)).repeat(b * hkv * (r // c))  # causal
+    ret_s, ret = ret_s.reshape(b * hkv * r, -1), ret.reshape(b * hkv * r, -1)
     # an explicit key below a row's k-th retrieved score cannot rank (-inf while fewer are retrieved)
-    floor = ret_s.reshape(-1, ret.shape[-1]).amin(-1) if ret.shape[-1] >= k else None
+    floor = ret_s.amin(-1) if ret.shape[-1] >= k else None
     explicit = k_all[:, :, ws:p1].reshape(b * hkv, p1 - ws, d)
     ev, ei, _ = scores_topk(qb.reshape(b * hkv, r, d), explicit, k, row_end, floor=floor)
-    s = torch.cat([ret_s.reshape(-1, ret.shape[-1]), ev], -1) if ret.shape[-1] else ev  # (B*Hkv*R, k' + k)
-    pos = torch.cat([ret.reshape(-1, ret.shape[-1]), ei + ws], -1) if ret.shape[-1] else ei + ws
+    s, pos = torch.cat([ret_s, ev], -1), torch.cat([ret, ei + ws], -1)  # (B*Hkv*R, k' + k)
     vals, idx = topk_rows(s * scale, min(k, s.shape[-1]), sorted=False)
-    mx = vals.amax(-1, keepdim=True)
-    e = torch.exp(vals - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))  # -inf -> 0
-    p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)  # a row with no key stays zero
+    p = _softmax(vals)
     return _weighted_rows(v_all, pos.gather(-1, idx).view(b, hkv, r, -1), p.view(b, hkv, r, -1))
 
 
