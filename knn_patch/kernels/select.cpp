@@ -83,7 +83,7 @@ std::pair<float, float> min_max(const float* x, int64_t n) {
 
 // The k-th largest of v[0..n), 1 <= k <= n, no NaN: the values are bucketed between their minimum and
 // maximum (branch-free), and only the bucket holding the k-th is partially sorted: nth_element
-// over all of them was dominated by its mispredicted branches (README, "AMX").
+// over all of them spends most of its time in mispredicted branches.
 float kth_largest(const float* v, int64_t n, int64_t k, std::vector<float>& tmp) {
   constexpr int64_t nb = 64;
   const auto [lo, hi] = min_max(v, n);
@@ -380,6 +380,12 @@ namespace {
 
 constexpr int64_t kFirstKeys = 256;  // pass 1 samples at most this many keys of a list
 
+// The step and count of an evenly strided sample of at most `limit` of a list's n keys.
+inline std::pair<int64_t, int64_t> strided(int64_t n, int64_t limit) {
+  const int64_t step = n > limit ? (n + limit - 1) / limit : 1;
+  return {step, (n + step - 1) / step};
+}
+
 // Buffers of `best_lists`.
 struct ListPicker {
   static constexpr int64_t kBuckets = 64;
@@ -503,12 +509,12 @@ void keep_above(const float* s, const int64_t* key_ids, int64_t w, int64_t k, in
   *count = c;
 }
 
-// ---- Pass 2 on AMX (Intel's tile unit: Sapphire Rapids and later) ----
+// ---- Both passes on AMX (Intel's tile unit: Sapphire Rapids and later) ----
 // Each fp32 x is split into bf16 hi = round(x) and lo = round(x - hi), and q.k is taken as
 // qh.kh + qh.kl + ql.kh ("bf16x3"), accumulated in fp32 by the tile unit: what it drops, ql.kl and
 // lo's rounding, is ~3 * 2^-18 of |q_i k_i| per term, so the scores are within ~1e-5 * |q| |k| of
 // fp32's, the order of fp32's own rounding over D terms. A 16 x 16 block of (key, query) scores
-// costs 3 tile products per 32 dimensions, ~5x the fp32 FMA rate.
+// costs 3 tile products per 32 dimensions.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
 #define KNN_PATCH_AMX 1
 #define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -631,7 +637,7 @@ AMX_TARGET void amx_pack_queries(const int32_t* row_of, AmxScan& s) {
 
 // Up to 64 dimensions the packed queries stay in tiles 2-5 (B hi and lo of dimensions 0-31, then
 // 32-63) while their keys stream through tiles 6-7: 8 tile loads per 12 products against 12 when
-// every block reloads them, ~1.8x faster on our Emerald Rapids VM (one-off microbenchmark).
+// every block reloads them (loads and products overlap badly on the tile unit).
 AMX_TARGET void amx_hold_queries(const AmxScan& s) {
   if (s.dpad > 64) return;
   _tile_loadd(2, s.bhi.data(), 64);
@@ -900,8 +906,7 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
       auto scan = [&](const std::vector<int64_t>& n, int64_t limit, auto&& on_tile) {
         group(n);
         for (int64_t l = 0; l < nlist; ++l) {
-          const int64_t step = size[l] > limit ? (size[l] + limit - 1) / limit : 1;
-          const int64_t n_keys = (size[l] + step - 1) / step;
+          const auto [step, n_keys] = strided(size[l], limit);
           auto* keys = reinterpret_cast<float*>(code_ptr[l]);
           const auto* key_ids = reinterpret_cast<const int64_t*>(id_ptr[l]);
           for (int64_t a = start[l]; a < start[l + 1] && n_keys > 0; a += kRowTile) {
@@ -920,7 +925,6 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
 
       // pass 1: each query's sampled keys are spread over its groups
       std::fill(gmax.begin(), gmax.end(), -std::numeric_limits<float>::infinity());
-      std::fill(next_group.begin(), next_group.end(), 0);
 #ifdef KNN_PATCH_AMX
       if (amx) {
         split_rows(qp + r0 * dim, nr, dim, dim, dpad, tiles.qhi.data(), tiles.qlo.data());
@@ -928,13 +932,14 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
         group(n_first);
         for (int64_t l = 0; l < nlist; ++l) {
           if (start[l] == start[l + 1]) continue;
-          const int64_t step = (size[l] + kFirstKeys - 1) / kFirstKeys, n_keys = (size[l] + step - 1) / step;
+          const auto [step, n_keys] = strided(size[l], kFirstKeys);
           amx_sample_list(reinterpret_cast<const float*>(code_ptr[l]), n_keys, step * dim, dim,
                           by_list.data() + start[l], start[l + 1] - start[l], groups, gmax.data(), tiles);
         }
       }
 #endif
-      if (!amx)
+      if (!amx) {
+        std::fill(next_group.begin(), next_group.end(), 0);
         scan(n_first, kFirstKeys, [&](int64_t r, int64_t, int64_t, const float* s, int64_t w, const int64_t*) {
           float* g = gmax.data() + r * groups;
           for (int64_t t = 0; t < w;) {  // vectorised: runs of consecutive groups
@@ -944,6 +949,7 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
             next_group[r] = (at + n) % groups;
           }
         });
+      }
       for (int64_t r = 0; r < nr; ++r) {
         float* g = gmax.data() + r * groups;
         bar[r] = std::nextafter(kth_largest(g, groups, k, tmp), -std::numeric_limits<float>::infinity());  // it passes
