@@ -286,6 +286,27 @@ def test_amx_scan_finds_the_fp32_scans_keys(d):
     assert same.float().mean() > 0.95
 
 
+@pytest.mark.parametrize("amx", [False, True])
+def test_ivf_search_skips_an_empty_list_that_queries_probe_first(amx):
+    """A retrained IVF can leave a list empty; the queries whose best centroid it is still get
+    the k best keys of the lists they probe (on AMX an empty list once divided by zero)."""
+    if amx and not select_module.amx_available():
+        pytest.skip(NO_AMX)
+    torch.manual_seed(0)
+    keys = torch.randn(2, 300, 16)  # lists 1 and 2; list 0 is empty
+    ids = torch.arange(600).view(2, 300)
+    centroids = torch.cat([torch.ones(1, 16) * 10, keys.mean(1)])  # list 0 ranks first for these queries
+    x = torch.ones(64, 16) + 0.1 * torch.randn(64, 16)
+    lists = (
+        torch.tensor([keys.data_ptr(), keys[0].data_ptr(), keys[1].data_ptr()]),
+        torch.tensor([ids.data_ptr(), ids[0].data_ptr(), ids[1].data_ptr()]),
+        torch.tensor([0, 300, 300]),
+    )
+    vals, found = select_module.ivf_topk(x, centroids, lists, 5, 3, 0, amx=amx)
+    expected = (x @ keys.reshape(600, 16).T).topk(5).indices
+    assert torch.equal(found.sort(-1).values, expected.sort(-1).values)
+
+
 def test_the_scan_budget_is_a_share_of_the_keys_and_at_least_64_per_result():
     index = filled_index("ivf", nprobe=8, scan_fraction=0.5)
     x = torch.randn(300, 16)
