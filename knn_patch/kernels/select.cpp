@@ -367,7 +367,7 @@ std::vector<torch::Tensor> tail_sample(torch::Tensor top, torch::Tensor row_end,
 //      each, until sample_keys): its keys are spread over G >= 2k groups (in scan order, or by
 //      key index on AMX) and the bar is the k-th largest group maximum, so at least k distinct
 //      keys reach it. (On AMX both passes score a key alike, so the bar holds for pass 2's scores.)
-//   2. all its probes: only scores above the bar are kept, in a buffer of 16k; a full buffer is
+//   2. all its probes: only scores above the bar are kept, in a buffer of 4k; a full buffer is
 //      cut back to its best k, whose k-th score becomes the bar. Most scores fall below the bar,
 //      and are skipped 16 at a time.
 //   3. a final cut of each query's kept entries to its best k.
@@ -602,13 +602,30 @@ AMX_TARGET void transpose16(const uint16_t* x, const int32_t* rows, int64_t stri
   }
 }
 
+// A std::allocator whose storage starts on a 64-byte boundary: tile rows then never straddle cache lines.
+template <class T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{64}); }
+  template <class U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+template <class T>
+using TileVector = std::vector<T, Aligned64<T>>;
+
 // Buffers of one thread's AMX scans.
 struct AmxScan {
   int64_t dpad = 0;
-  std::vector<uint16_t> qhi, qlo;  // the chunk's queries, split: (rows, dpad)
-  std::vector<uint16_t> khi, klo;  // a list's keys, split: (n rounded up to 32, dpad), zero past n
-  std::vector<uint32_t> bhi, blo;  // 16 queries as tile B: dpad / 32 tiles of 16 dimension pairs x 16 queries
-  std::vector<float> gm;  // pass 1: (groups, 16 queries) group maxima
+  TileVector<uint16_t> qhi, qlo;  // the chunk's queries, split: (rows, dpad)
+  TileVector<uint16_t> khi, klo;  // a list's keys, split: (n rounded up to 32, dpad), zero past n
+  TileVector<uint32_t> bhi, blo;  // 16 queries as tile B: dpad / 32 tiles of 16 dimension pairs x 16 queries
+  TileVector<float> gm;  // pass 1: (groups, 16 queries) group maxima
   alignas(64) float c[2 * 16 * 16];  // two tiles of scores: 32 keys x 16 queries
   float hit_score[32 * 16 + 16];  // pass 2: a block's scores above the bar, their query rows and keys
   int32_t hit_row[32 * 16 + 16], hit_key[32 * 16 + 16];
@@ -816,7 +833,9 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
   float* ov = out_v.data_ptr<float>();
   int64_t* oi = out_i.data_ptr<int64_t>();
   constexpr int64_t kRowTile = 128, kColTile = 512;
-  const int64_t cap = 16 * k;  // kept entries per query before a cut back to k
+  // kept entries per query before a cut back to k: 4k keeps every query's entries of a call in L2
+  // (1.5 KB each at k = 32), where 16k spilled them to memory
+  const int64_t cap = 4 * k;
   const int64_t groups = (2 * k + 15) / 16 * 16;  // G of pass 1
   std::vector<int64_t> all_lists(nlist);
   for (int64_t l = 0; l < nlist; ++l) all_lists[l] = l;
