@@ -201,6 +201,37 @@ def test_fused_selection_with_a_floor_ranks_only_the_scores_above_it(monkeypatch
     assert (vals[1::3] == -math.inf).all() and (vals[::3] > -math.inf).any()
 
 
+@pytest.mark.parametrize("n_seeds", [0, 6])
+def test_fused_selection_with_seeds_ranks_them_with_the_keys(monkeypatch, n_seeds):
+    """With `seeds`, a row's top-k is taken over its seeds (ids as given, -inf slots empty) and its
+    scores >= floor (ids offset), in the compiled and torch paths alike; even zero seeds offset."""
+    g = torch.Generator().manual_seed(0)
+    q, key = torch.randn(2, 50, 8, generator=g), torch.randn(2, 60, 8, generator=g)
+    ends = torch.randint(1, 61, (100,), generator=g)
+    scores = (q @ key.transpose(-1, -2)).reshape(100, 60)
+    scores = scores.masked_fill(torch.arange(60) >= ends.unsqueeze(-1), -math.inf)
+    seed_v = torch.randn(100, n_seeds, generator=g) * 3
+    seed_v[:, :2] = -math.inf  # empty slots
+    seed_i = 1000 + torch.randperm(100 * n_seeds, generator=g).view(100, n_seeds)  # distinct ids
+    floor = seed_v.amax(-1) if n_seeds else torch.full((100,), -math.inf)
+    floor[::4] = -math.inf
+    offset = 500
+    # expected: top-5 over (seeds, the floored scores) by value, as (value, id) sets per row
+    cand_v = torch.cat([seed_v, scores.masked_fill(scores < floor.unsqueeze(-1), -math.inf)], -1)
+    cand_i = torch.cat([seed_i, torch.arange(60).expand(100, 60) + offset], -1)
+    top_v, top_c = cand_v.topk(5, -1)
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(select, "extension", lambda: None)
+        vals, idx, _ = scores_topk(q, key, 5, ends, floor=floor, seeds=(seed_v, seed_i), offset=offset)
+        order = vals.argsort(-1, descending=True)
+        vals, idx = vals.gather(-1, order), idx.gather(-1, order)
+        torch.testing.assert_close(vals, top_v)
+        found = top_v > -math.inf
+        assert torch.equal(idx[found], cand_i.gather(-1, top_c)[found])
+    assert found.sum() > 100 and (idx[found] >= 1000).any() == bool(n_seeds)
+
+
 def test_tail_sample_takes_a_short_tail_whole_and_an_empty_one_not_at_all(prefix_sampler):
     top = torch.tensor([[2, 4, 1, 0], [3, 1, 0, 2]])
     idx, logw = tail_sample(top, 3, torch.Generator().manual_seed(0), ends=torch.tensor([6, 3]))

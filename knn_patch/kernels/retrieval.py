@@ -298,11 +298,12 @@ def _plain_block(
     # an explicit key below a row's k-th retrieved score cannot rank (-inf while fewer are retrieved)
     floor = ret_s.amin(-1) if ret.shape[-1] >= k else None
     explicit = k_all[:, :, ws:p1].reshape(b * hkv, p1 - ws, d)
-    ev, ei, _ = scores_topk(qb.reshape(b * hkv, r, d), explicit, k, row_end, floor=floor)
-    s, pos = torch.cat([ret_s, ev], -1), torch.cat([ret, ei + ws], -1)  # (B*Hkv*R, k' + k)
-    vals, idx = topk_rows(s * scale, min(k, s.shape[-1]), sorted=False)
-    p = _softmax(vals)
-    return _weighted_rows(v_all, pos.gather(-1, idx).view(b, hkv, r, -1), p.view(b, hkv, r, -1))
+    # each row's k best of its retrieved keys (the seeds) and its explicit keys, as positions
+    vals, pos, _ = scores_topk(
+        qb.reshape(b * hkv, r, d), explicit, k, row_end, floor=floor, seeds=(ret_s, ret), offset=ws
+    )
+    p = _softmax(vals * scale)
+    return _weighted_rows(v_all, pos.view(b, hkv, r, -1), p.view(b, hkv, r, -1))
 
 
 class Recall(NamedTuple):

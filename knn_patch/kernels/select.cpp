@@ -138,21 +138,26 @@ void take_best(std::vector<Entry>& cand, int64_t k, float* out_v, int64_t* out_i
 // Top-k of one row of n scores into out_v / out_i (pre-filled with -inf / 0), in descending order
 // if `sorted`, else in any order (the same set). With a finite `floor` only scores >= floor
 // compete (fewer than k may come back): a caller that holds k better candidates elsewhere skips
-// the rest in one pass.
+// the rest in one pass. When `seeded`, the n_seeds seeds (seed_v, seed_i) compete too (-inf: an
+// empty slot), with their ids, and score j comes back as id j + offset.
 void select_row(const float* row, int64_t n, int64_t k, float* out_v, int64_t* out_i, Workspace& ws,
-                bool sorted, float floor = -std::numeric_limits<float>::infinity()) {
+                bool sorted, float floor = -std::numeric_limits<float>::infinity(), bool seeded = false,
+                const float* seed_v = nullptr, const int64_t* seed_i = nullptr, int64_t n_seeds = 0,
+                int64_t offset = 0) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  if (floor > neg_inf) {
+  if (floor > neg_inf || seeded) {
     ws.cand.clear();
+    for (int64_t t = 0; t < n_seeds; ++t)
+      if (seed_v[t] > neg_inf) ws.cand.emplace_back(seed_v[t], seed_i[t]);
     int64_t i = 0;
 #if defined(__SSE2__)
     const __m128 f = _mm_set1_ps(floor);
     for (; i + 4 <= n; i += 4)
       for (unsigned bits = _mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(row + i), f)); bits; bits &= bits - 1)
-        ws.cand.emplace_back(row[i + __builtin_ctz(bits)], i + __builtin_ctz(bits));
+        ws.cand.emplace_back(row[i + __builtin_ctz(bits)], offset + i + __builtin_ctz(bits));
 #endif
     for (; i < n; ++i)
-      if (row[i] >= floor) ws.cand.emplace_back(row[i], i);
+      if (row[i] >= floor && row[i] > neg_inf) ws.cand.emplace_back(row[i], offset + i);
     take_best(ws.cand, k, out_v, out_i, sorted);
     return;
   }
@@ -279,8 +284,11 @@ int64_t sample_row(const int64_t* top, int64_t k, int64_t end, int64_t m, RowRng
 // buffer: values and indices are then (P*R, k + m), the samples last (unused slots -inf, 0), and
 // the third result holds their log-weights (P*R, m) (-inf in unused slots). floor: (P*R,) float32,
 // or empty: row r then ranks only its scores >= floor[r] (see select_row; not with m > 0).
+// seed_v (P*R, s) float32 and seed_i (P*R, s) int64 (s >= 0), or 1-D empty tensors: each row's
+// seeds compete with its scores (select_row), and key j comes back as index j + offset (not with m > 0).
 std::vector<torch::Tensor> scores_topk(torch::Tensor q, torch::Tensor key, int64_t k, torch::Tensor row_end,
-                                       int64_t m, int64_t seed, torch::Tensor floor) {
+                                       int64_t m, int64_t seed, torch::Tensor floor, torch::Tensor seed_v,
+                                       torch::Tensor seed_i, int64_t offset) {
   TORCH_CHECK(q.dim() == 3 && key.dim() == 3 && q.scalar_type() == torch::kFloat32 &&
                   key.scalar_type() == torch::kFloat32 && q.size(0) == key.size(0) && q.size(2) == key.size(2),
               "q (P, R, D) and key (P, L, D) must be float32");
@@ -295,6 +303,15 @@ std::vector<torch::Tensor> scores_topk(torch::Tensor q, torch::Tensor key, int64
                                      floor.scalar_type() == torch::kFloat32),
               "floor must be empty, or (P*R,) contiguous float32 without tail samples");
   const float* low = floor.numel() ? floor.data_ptr<float>() : nullptr;
+  const bool seeded = seed_v.dim() == 2;
+  const int64_t n_seeds = seeded ? seed_v.size(1) : 0;
+  TORCH_CHECK(!seeded || (m == 0 && seed_v.dim() == 2 && seed_v.size(0) == problems * rows &&
+                               seed_v.is_contiguous() && seed_v.scalar_type() == torch::kFloat32 &&
+                               seed_i.sizes() == seed_v.sizes() && seed_i.is_contiguous() &&
+                               seed_i.scalar_type() == torch::kInt64),
+              "seeds must be 1-D empty, or (P*R, s) contiguous float32 values and int64 ids without tail samples");
+  const float* sv = n_seeds ? seed_v.data_ptr<float>() : nullptr;
+  const int64_t* si = n_seeds ? seed_i.data_ptr<int64_t>() : nullptr;
   float* out_v = out[0].data_ptr<float>();
   int64_t* out_i = out[1].data_ptr<int64_t>();
   double* out_logw = out[2].data_ptr<double>();
@@ -311,15 +328,18 @@ std::vector<torch::Tensor> scores_topk(torch::Tensor q, torch::Tensor key, int64
         width = 0;
         for (int64_t i = 0; i < nr; ++i) width = std::max(width, std::min(end[first + i], cols));
       }
-      if (width == 0) continue;
-      auto s = torch::from_blob(buffer.data(), {nr, width}, q.options());
-      at::mm_out(s, q[p].narrow(0, r0, nr), key[p].narrow(0, 0, width).t());
+      if (width == 0 && !seeded) continue;
+      if (width > 0) {
+        auto s = torch::from_blob(buffer.data(), {nr, width}, q.options());
+        at::mm_out(s, q[p].narrow(0, r0, nr), key[p].narrow(0, 0, width).t());
+      }
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t r = first + i, n = end ? std::min(end[r], width) : width;
         const float* row = buffer.data() + i * width;
         float* v = out_v + r * slots;
         int64_t* idx = out_i + r * slots;
-        select_row(row, n, k, v, idx, ws, false, low ? low[r] : -std::numeric_limits<float>::infinity());
+        select_row(row, n, k, v, idx, ws, false, low ? low[r] : -std::numeric_limits<float>::infinity(),
+                   seeded, sv + r * n_seeds, si + r * n_seeds, n_seeds, offset);
         if (m == 0) continue;
         const int64_t drawn = sample_row(idx, k, n, m, RowRng(static_cast<uint64_t>(seed), r), idx + k,
                                          out_logw + r * m, ranks, sorted_top);

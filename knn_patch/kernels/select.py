@@ -118,6 +118,8 @@ def scores_topk(
     tail: int = 0,
     generator: torch.Generator | None = None,
     floor: torch.Tensor | None = None,
+    seeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k of each row of query @ key^T: query (P, R, D), key (P, L, D) -> values and indices
     (P*R, k + tail), in no particular order (the compiled path skips the final sort), and log-weights.
@@ -130,18 +132,42 @@ def scores_topk(
     at L = 4096, and the samples cost no gather.
     With `floor` (P*R,), row r ranks only its scores >= floor[r] (fewer than k may come back): a
     caller that already holds k candidates scoring >= floor[r] skips the rest in one pass.
+    With `seeds` (values, ids), each (P*R, s), row r's seeds compete with its scores (value -inf:
+    an empty slot) and come back with their ids, while key j comes back as j + `offset`: the top-k
+    of a row's own candidates and these keys in one selection (no tail).
     """
     if key.dtype == query.dtype and fused_available(query.device, query.dtype):
         ends = torch.empty(0, dtype=torch.int64) if row_end is None else row_end.to(torch.int64).contiguous()
         seed = draw_seed(generator) if tail else 0
         low = torch.empty(0) if floor is None else floor.float().contiguous()
-        return extension().scores_topk(query.detach().contiguous(), key.detach(), k, ends, tail, seed, low)
+        sv, si = (torch.empty(0), torch.empty(0, dtype=torch.int64)) if seeds is None else seeds
+        return extension().scores_topk(
+            query.detach().contiguous(),
+            key.detach(),
+            k,
+            ends,
+            tail,
+            seed,
+            low,
+            sv.float().contiguous(),
+            si.to(torch.int64).contiguous(),
+            offset,
+        )
     if tail:
         raise RuntimeError("scores_topk draws tail samples only compiled; check fused_available first.")
     scores = torch.matmul(query, key.transpose(-1, -2)).reshape(-1, key.shape[-2])  # (P*R, L)
     if floor is not None:
         scores = scores.masked_fill(scores < floor.unsqueeze(-1), -torch.inf)
-    values, indices = topk_rows(scores, k, row_end)
+    if seeds is None:
+        values, indices = topk_rows(scores, k, row_end)
+    else:  # the seeds as the first columns, then back to their ids
+        sv, si = seeds
+        ends = None if row_end is None else row_end + sv.shape[-1]
+        values, cols = topk_rows(torch.cat([sv.to(scores.dtype), scores], -1), k, ends)
+        s = sv.shape[-1]
+        indices = cols - s + offset
+        if s:
+            indices = torch.where(cols < s, si.gather(-1, cols.clamp_max(s - 1)), indices)
     return values, indices, scores.new_zeros(scores.shape[0], 0, dtype=torch.float64)
 
 
