@@ -236,13 +236,14 @@ def test_compiled_selection_equals_torch_topk(rows, cols, k):
 
 
 @pytest.mark.parametrize("sorted_", [True, False])
-def test_compiled_selection_on_many_ties_and_masked_keys_keeps_the_lowest_indices(sorted_):
+@pytest.mark.parametrize("shape", [(200, 300), (4, 40000)])  # kth_largest on 300 scores, 2500 group maxima
+def test_compiled_selection_on_many_ties_and_masked_keys_keeps_the_lowest_indices(sorted_, shape):
     """Scores of 5 values, a fifth of them masked (-inf) anywhere in the row: the selection's
     buckets (kth_largest) see infinities and ties at every boundary; it keeps the k best, the lower
     index first among equal scores, as a stable descending sort does."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 5, (200, 300), generator=gen).float()
-    x[torch.rand(200, 300, generator=gen) < 0.2] = -math.inf
+    x = torch.randint(0, 5, shape, generator=gen).float()
+    x[torch.rand(shape, generator=gen) < 0.2] = -math.inf
     values, idx = topk_rows(x, 40, sorted=sorted_)
     want = x.sort(dim=-1, descending=True, stable=True)
     assert torch.equal(idx.sort(-1).values, want.indices[:, :40].sort(-1).values)

@@ -94,8 +94,12 @@ float kth_largest(const float* v, int64_t n, int64_t k, std::vector<float>& tmp)
     return tmp[k - 1];
   }
   const float scale = nb / (hi - lo);  // bucket 0 holds the largest values
-  thread_local std::vector<uint8_t> bucket;
-  bucket.resize(n);
+  // short inputs (most calls) keep their buckets on the stack: a thread_local costs a TLS lookup
+  constexpr int64_t kShort = 1024;
+  uint8_t short_buckets[kShort];
+  thread_local std::vector<uint8_t> long_buckets;
+  if (n > kShort) long_buckets.resize(n);
+  uint8_t* bucket = n > kShort ? long_buckets.data() : short_buckets;
   int64_t count[nb] = {};
   for (int64_t i = 0; i < n; ++i) {
     const auto b = static_cast<int64_t>((hi - v[i]) * scale);
