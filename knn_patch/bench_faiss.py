@@ -5,7 +5,8 @@
 
 Growth: one layer of SmolLM2's shape (B=1, 9 query heads, 3 KV heads, D=64), causal fp32 forward
 under `no_grad`: faiss (ivf, hnsw) against the exact `topk` kernel and SDPA. Each time is the
-median of `repeats` runs after a warm-up at n=1024; faiss times include building the index (it is
+median of `repeats` runs after a warm-up at n=1024, the methods taking turns run by run (a machine
+whose speed drifts then slows all of them alike); faiss times include building the index (it is
 part of every forward). The growth exponent is the least-squares slope of log(time) on log(n).
 Recall@k of each faiss index is measured on the same inputs (`recall_at_k`). The inputs are random
 normal q/k/v (fixed seed; `--inputs random`), a hard case for an index (no cluster structure), or
@@ -104,13 +105,10 @@ def real_inputs(n: int, layer: int = 3) -> tuple[torch.Tensor, ...]:
     return act["q"], act["k"], act["v"]
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _time(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def run_growth(
@@ -125,10 +123,13 @@ def run_growth(
     inputs: tuple[torch.Tensor, ...] | None = None,
     progress: bool = True,
 ) -> dict:
-    """{"rows": [{"n", "times": {method: s}, "recall": {method: r}}], "exponents": {method: slope}}.
+    """{"rows": [{"n", "times": {method: s}, "samples": {method: [s, ...]}, "recall": {method: r}}],
+    "exponents": {method: slope}}.
 
     `inputs` (q, k, v) at least max(ns) long are timed on their first n positions; by default
-    random normal ones (`seed`)."""
+    random normal ones (`seed`). With `repeats`, the methods take turns (one run of each, then the
+    next round), so that a machine whose speed drifts slows them alike; "times" holds the medians,
+    "samples" every run in round order."""
     from rich.progress import Progress
 
     options = options or {}
@@ -138,17 +139,21 @@ def run_growth(
         return _inputs(n, seed) if inputs is None else tuple(x[:, :, :n].contiguous() for x in inputs)
 
     with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("growth", total=len(ns) * len(methods))
+        task = bar.add_task("growth", total=len(ns) * len(methods) * (repeats + 1))
         for method in methods:  # warm-up: lazy initialisation and the compiled selection
             _layer_fn(method, k, options)(*layer_inputs(min(1024, *ns)))
         for n in ns:
             q, kk, v = layer_inputs(n)
-            row: dict = {"n": n, "times": {}, "recall": {}}
+            row: dict = {"n": n, "times": {}, "samples": {m: [] for m in methods}, "recall": {}}
+            for _ in range(repeats):
+                for method in methods:
+                    bar.update(task, description=f"n={n} {method}")
+                    row["samples"][method].append(_time(partial(_layer_fn(method, k, options), q, kk, v)))
+                    bar.advance(task)
             for method in methods:
-                bar.update(task, description=f"n={n} {method}")
-                fn = _layer_fn(method, k, options)
-                row["times"][method] = _median_time(partial(fn, q, kk, v), repeats)
+                row["times"][method] = statistics.median(row["samples"][method])
                 if method.startswith("faiss"):
+                    bar.update(task, description=f"n={n} {method} recall")
                     opts = _index_options(method, options)
                     try:
                         recall = recall_at_k(q, kk, k=k, options=opts, n_queries=recall_queries).plain

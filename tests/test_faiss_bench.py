@@ -73,12 +73,15 @@ def test_growth_rows_hold_times_recall_and_exponents():
         [1024, 2048],
         methods=("sdpa", "faiss-hnsw"),
         options={"block_size": 256},
+        repeats=3,
         recall_queries=32,
         progress=False,
     )
     assert [r["n"] for r in result["rows"]] == [1024, 2048]
     for row in result["rows"]:
         assert row["times"].keys() == {"sdpa", "faiss-hnsw"} and all(t > 0 for t in row["times"].values())
+        for method, samples in row["samples"].items():  # three alternating runs each; times: their median
+            assert len(samples) == 3 and row["times"][method] == sorted(samples)[1]
         assert 0.0 <= row["recall"]["faiss-hnsw"] <= 1.0
     assert all(math.isfinite(s) for s in result["exponents"].values())
 
