@@ -153,15 +153,16 @@ void select_row(const float* row, int64_t n, int64_t k, float* out_v, int64_t* o
     ws.cand.clear();
     for (int64_t t = 0; t < n_seeds; ++t)
       if (seed_v[t] > neg_inf) ws.cand.emplace_back(seed_v[t], seed_i[t]);
+    const float low = std::max(floor, std::numeric_limits<float>::lowest());  // masked (-inf) keys never pass
     int64_t i = 0;
 #if defined(__SSE2__)
-    const __m128 f = _mm_set1_ps(floor);
+    const __m128 f = _mm_set1_ps(low);
     for (; i + 4 <= n; i += 4)
       for (unsigned bits = _mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(row + i), f)); bits; bits &= bits - 1)
         ws.cand.emplace_back(row[i + __builtin_ctz(bits)], offset + i + __builtin_ctz(bits));
 #endif
     for (; i < n; ++i)
-      if (row[i] >= floor && row[i] > neg_inf) ws.cand.emplace_back(row[i], offset + i);
+      if (row[i] >= low) ws.cand.emplace_back(row[i], offset + i);
     take_best(ws.cand, k, out_v, out_i, sorted);
     return;
   }
@@ -309,7 +310,7 @@ std::vector<torch::Tensor> scores_topk(torch::Tensor q, torch::Tensor key, int64
   const float* low = floor.numel() ? floor.data_ptr<float>() : nullptr;
   const bool seeded = seed_v.dim() == 2;
   const int64_t n_seeds = seeded ? seed_v.size(1) : 0;
-  TORCH_CHECK(!seeded || (m == 0 && seed_v.dim() == 2 && seed_v.size(0) == problems * rows &&
+  TORCH_CHECK(!seeded || (m == 0 && seed_v.size(0) == problems * rows &&
                                seed_v.is_contiguous() && seed_v.scalar_type() == torch::kFloat32 &&
                                seed_i.sizes() == seed_v.sizes() && seed_i.is_contiguous() &&
                                seed_i.scalar_type() == torch::kInt64),
