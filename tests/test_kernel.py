@@ -1,11 +1,13 @@
 """The top-k kernel against a brute-force reference written plainly here, and against SDPA."""
 
+import logging
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from knn_patch.kernels import select
 from knn_patch.kernels.select import extension_available, topk_rows
 from knn_patch.kernels.topk import topk_attention
 
@@ -255,3 +257,30 @@ def test_compiled_selection_keeps_the_lower_index_on_ties():
     x[:, 100:110] = 1.0
     values, idx = topk_rows(x, 4)
     assert torch.equal(idx, torch.tensor([[100, 101, 102, 103]] * 3)) and (values == 1).all()
+
+
+def test_a_failed_build_for_this_cpu_is_retried_generic_then_left_to_torch(monkeypatch, caplog):
+    """A compiler that cannot build for this CPU (-march=native) gets a generic build; when that
+    fails too, selection falls back to torch; each step says so."""
+    tried = []
+
+    def build(source, native):
+        tried.append(native)
+        if native or fail_generic:
+            raise RuntimeError("cannot build")
+        return "generic build"
+
+    monkeypatch.setattr(select, "_native_cpu", lambda: "avx512f amx_tile")
+    monkeypatch.setattr(select, "_build", build)
+    try:
+        with caplog.at_level(logging.WARNING, logger="knn_patch"):
+            fail_generic = False
+            select.extension.cache_clear()
+            assert select.extension() == "generic build" and tried == ["avx512f amx_tile", ""]
+            assert "for this CPU (cannot build); trying a generic build" in caplog.text
+            fail_generic = True
+            select.extension.cache_clear()
+            assert select.extension() is None and tried[2:] == ["avx512f amx_tile", ""]
+            assert "using torch.topk and torch sampling" in caplog.text
+    finally:
+        select.extension.cache_clear()  # the next caller loads the real build again

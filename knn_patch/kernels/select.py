@@ -39,39 +39,48 @@ def _native_cpu() -> str:
         return ""
 
 
+def _build(source: bytes, native: str):
+    """The module compiled from `source`, for this CPU when `native` holds its flags."""
+    from torch.utils.cpp_extension import load
+
+    # Build from a copy named by its content: checkouts of the same source (several venvs or
+    # worktrees) share one build instead of rebuilding each other's, and an edit builds anew.
+    digest = hashlib.sha256(source + native.encode()).hexdigest()[:12]
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    build = root / f"knn_patch_select_{digest}"
+    build.mkdir(parents=True, exist_ok=True)
+    copy = build / "select.cpp"
+    if not copy.exists() or copy.read_bytes() != source:
+        atomic_write(copy, lambda tmp: Path(tmp).write_bytes(source))
+    return load(
+        name=f"knn_patch_select_{digest}",
+        sources=[str(copy)],
+        build_directory=str(build),
+        extra_cflags=["-O3", "-fopenmp"] + (["-march=native"] if native else []),
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
 @functools.cache
 def extension():
-    """The compiled module (built on first call), or None when it is disabled or cannot be built."""
+    """The compiled module (built on first call), or None when it is disabled or cannot be built.
+    A build for this CPU that fails (a compiler that does not know it) is retried generic."""
     if os.environ.get("KNN_PATCH_NO_EXTENSION"):
         return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        # Build from a copy named by its content: checkouts of the same source (several venvs or
-        # worktrees) share one build instead of rebuilding each other's, and an edit builds anew.
-        source = Path(__file__).with_name("select.cpp").read_bytes()
-        native = _native_cpu()
-        digest = hashlib.sha256(source + native.encode()).hexdigest()[:12]
-        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-        build = root / f"knn_patch_select_{digest}"
-        build.mkdir(parents=True, exist_ok=True)
-        copy = build / "select.cpp"
-        if not copy.exists() or copy.read_bytes() != source:
-            atomic_write(copy, lambda tmp: Path(tmp).write_bytes(source))
-        return load(
-            name=f"knn_patch_select_{digest}",
-            sources=[str(copy)],
-            build_directory=str(build),
-            extra_cflags=["-O3", "-fopenmp"] + (["-march=native"] if native else []),
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as err:  # no compiler, no ninja: fall back, but say so
-        logger.warning(
-            "knn_patch: could not build the selection extension (%s); using torch.topk and torch sampling.",
-            err,
-        )
-        return None
+    source = Path(__file__).with_name("select.cpp").read_bytes()
+    native = _native_cpu()
+    for flags in dict.fromkeys([native, ""]):  # native first, when there is one
+        try:
+            return _build(source, flags)
+        except Exception as err:  # no compiler, no ninja: fall back, but say so
+            logger.warning(
+                "knn_patch: could not build the selection extension%s (%s); %s.",
+                " for this CPU" if flags else "",
+                err,
+                "trying a generic build" if flags else "using torch.topk and torch sampling",
+            )
+    return None
 
 
 def extension_available() -> bool:
