@@ -94,25 +94,20 @@ float kth_largest(const float* v, int64_t n, int64_t k, std::vector<float>& tmp)
     return tmp[k - 1];
   }
   const float scale = nb / (hi - lo);  // bucket 0 holds the largest values
-  // short inputs (most calls) keep their buckets on the stack: a thread_local costs a TLS lookup
-  constexpr int64_t kShort = 1024;
-  uint8_t short_buckets[kShort];
-  thread_local std::vector<uint8_t> long_buckets;
-  if (n > kShort) long_buckets.resize(n);
-  uint8_t* bucket = n > kShort ? long_buckets.data() : short_buckets;
+  // computed twice rather than stored: a stored bucket per value cost a thread_local lookup per call
+  auto bucket = [&](float x) {
+    const auto b = static_cast<int64_t>((hi - x) * scale);
+    return b < nb - 1 ? b : nb - 1;
+  };
   int64_t count[nb] = {};
-  for (int64_t i = 0; i < n; ++i) {
-    const auto b = static_cast<int64_t>((hi - v[i]) * scale);
-    bucket[i] = static_cast<uint8_t>(b < nb - 1 ? b : nb - 1);
-    ++count[bucket[i]];
-  }
+  for (int64_t i = 0; i < n; ++i) ++count[bucket(v[i])];
   int64_t edge = 0, before = 0;  // the bucket of the k-th, and the values in buckets before it
   for (; before + count[edge] < k; ++edge) before += count[edge];
   tmp.resize(n);
   int64_t w = 0;
   for (int64_t i = 0; i < n; ++i) {
     tmp[w] = v[i];
-    w += bucket[i] == edge;
+    w += bucket(v[i]) == edge;
   }
   std::nth_element(tmp.begin(), tmp.begin() + (k - before - 1), tmp.begin() + w, std::greater<float>());
   return tmp[k - before - 1];
