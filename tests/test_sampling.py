@@ -176,35 +176,12 @@ def test_fused_selection_draws_the_tail_sample_with_its_scores():
     assert (vals[:, 5:][~used] == -math.inf).all() and (sample[~used] == 0).all()
 
 
-def test_fused_selection_with_a_floor_ranks_only_the_scores_above_it(monkeypatch):
-    """With `floor`, a row's top-k is taken among its scores >= floor only (fewer come back, -inf
-    after them): compiled and torch paths alike; a -inf floor changes nothing."""
-    g = torch.Generator().manual_seed(0)
-    q, key = torch.randn(2, 50, 8, generator=g), torch.randn(2, 60, 8, generator=g)
-    ends = torch.randint(1, 61, (100,), generator=g)
-    scores = (
-        (q @ key.transpose(-1, -2))
-        .reshape(100, 60)
-        .masked_fill(torch.arange(60) >= ends.unsqueeze(-1), -math.inf)
-    )
-    floor = scores.topk(8, -1).values[:, -1]  # the 8th best of each row: the best 5 of >= 8 scores pass
-    floor[::3] = -math.inf
-    floor[1::3] = math.inf  # nothing passes
-    expected = scores.masked_fill(scores < floor.unsqueeze(-1), -math.inf).topk(5).values
-    for compiled in (True, False):
-        if not compiled:
-            monkeypatch.setattr(select, "extension", lambda: None)
-        vals, idx, _ = scores_topk(q, key, 5, ends, floor=floor)
-        torch.testing.assert_close(vals.sort(-1, descending=True).values, expected)
-        found = vals > -math.inf
-        torch.testing.assert_close(vals[found], scores.gather(1, idx)[found])
-    assert (vals[1::3] == -math.inf).all() and (vals[::3] > -math.inf).any()
-
-
-@pytest.mark.parametrize("n_seeds", [0, 6])
+@pytest.mark.parametrize("n_seeds", [0, 6, 40])
 def test_fused_selection_with_seeds_ranks_them_with_the_keys(monkeypatch, n_seeds):
     """With `seeds`, a row's top-k is taken over its seeds (ids as given, -inf slots empty) and its
-    scores >= floor (ids offset), in the compiled and torch paths alike; even zero seeds offset."""
+    scores (ids offset), in the compiled and torch paths alike; even zero seeds offset. With 40
+    seeds (38 given) the compiled path skips the scores below each row's 5th seed, which must not
+    change the result."""
     g = torch.Generator().manual_seed(0)
     q, key = torch.randn(2, 50, 8, generator=g), torch.randn(2, 60, 8, generator=g)
     ends = torch.randint(1, 61, (100,), generator=g)
@@ -213,25 +190,39 @@ def test_fused_selection_with_seeds_ranks_them_with_the_keys(monkeypatch, n_seed
     seed_v = torch.randn(100, n_seeds, generator=g) * 3
     seed_v[:, :2] = -math.inf  # empty slots
     seed_i = 1000 + torch.randperm(100 * n_seeds, generator=g).view(100, n_seeds)  # distinct ids
-    floor = seed_v.amax(-1) if n_seeds else torch.full((100,), -math.inf)
-    floor[::4] = -math.inf
     offset = 500
-    # expected: top-5 over (seeds, the floored scores) by value, as (value, id) sets per row
-    cand_v = torch.cat([seed_v, scores.masked_fill(scores < floor.unsqueeze(-1), -math.inf)], -1)
+    # expected: top-5 over (seeds, scores) by value, as (value, id) sets per row
+    cand_v = torch.cat([seed_v, scores], -1)
     cand_i = torch.cat([seed_i, torch.arange(60).expand(100, 60) + offset], -1)
     top_v, top_c = cand_v.topk(5, -1)
     for compiled in (True, False):
         if not compiled:
             monkeypatch.setattr(select, "extension", lambda: None)
-        vals, idx, _ = scores_topk(q, key, 5, ends, floor=floor, seeds=(seed_v, seed_i), offset=offset)
+        vals, idx, _ = scores_topk(q, key, 5, ends, seeds=(seed_v, seed_i), offset=offset)
         order = vals.argsort(-1, descending=True)
         vals, idx = vals.gather(-1, order), idx.gather(-1, order)
         torch.testing.assert_close(vals, top_v)
         found = top_v > -math.inf
         assert torch.equal(idx[found], cand_i.gather(-1, top_c)[found])
-        if compiled:  # a slot no key fills, masked ones included, is (-inf, 0)
-            assert (idx[~found] == 0).all() and (~found).any()
-    assert found.sum() > 100 and (idx[found] >= 1000).any() == bool(n_seeds)
+    from_keys = (idx[found] >= offset) & (idx[found] < 1000)
+    assert from_keys.any() and (idx[found] >= 1000).any() == bool(n_seeds)
+
+
+def test_fused_selection_never_returns_a_masked_key():
+    """A key whose score is -inf (here: a key of -inf against positive queries) never comes back,
+    with seeds or without: a slot no key fills is (-inf, 0) and the selection reads the row in
+    the vectorised loop (6 keys) and the scalar one alike."""
+    if not extension_available():
+        pytest.skip("compiled path only")
+    q = torch.rand(1, 3, 4) + 0.5
+    key = torch.randn(1, 6, 4)
+    key[0, 2] = -math.inf  # scores -inf for every query
+    key[0, 5] = -math.inf  # in the scalar tail of the row
+    empty = (torch.full((3, 1), -math.inf), torch.zeros(3, 1, dtype=torch.int64))
+    for seeds in (empty, None):
+        vals, idx, _ = scores_topk(q, key, 6, seeds=seeds, offset=10 if seeds else 0)
+        unfilled = vals == -math.inf
+        assert unfilled.sum(-1).tolist() == [2, 2, 2] and (idx[unfilled] == 0).all()
 
 
 def test_tail_sample_takes_a_short_tail_whole_and_an_empty_one_not_at_all(prefix_sampler):

@@ -295,13 +295,9 @@ def _plain_block(
         ret_s = _scores_at(k_all, ret, qb).masked_fill(ret < 0, -math.inf)
     row_end = (p0 - ws + 1 + torch.arange(c, device=qb.device)).repeat(b * hkv * (r // c))  # causal
     ret_s, ret = ret_s.reshape(b * hkv * r, -1), ret.reshape(b * hkv * r, -1)
-    # an explicit key below a row's k-th retrieved score cannot rank (-inf while fewer are retrieved)
-    floor = ret_s.amin(-1) if ret.shape[-1] >= k else None
     explicit = k_all[:, :, ws:p1].reshape(b * hkv, p1 - ws, d)
     # each row's k best of its retrieved keys (the seeds) and its explicit keys, as positions
-    vals, pos, _ = scores_topk(
-        qb.reshape(b * hkv, r, d), explicit, k, row_end, floor=floor, seeds=(ret_s, ret), offset=ws
-    )
+    vals, pos, _ = scores_topk(qb.reshape(b * hkv, r, d), explicit, k, row_end, seeds=(ret_s, ret), offset=ws)
     p = _softmax(vals * scale)
     return _weighted_rows(v_all, pos.view(b, hkv, r, -1), p.view(b, hkv, r, -1))
 

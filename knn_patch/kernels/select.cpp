@@ -134,30 +134,42 @@ void take_best(std::vector<Entry>& cand, int64_t k, float* out_v, int64_t* out_i
   }
 }
 
+// Candidates a row ranks beside its own scores (scores_topk's seeds): values v[0..n) (-inf: an
+// empty slot) with their ids i, while the row's score j comes back as id j + offset.
+struct Seeds {
+  const float* v;
+  const int64_t* i;
+  int64_t n, offset;
+};
+
 // Top-k of one row of n scores into out_v / out_i (pre-filled with -inf / 0), in descending order
-// if `sorted`, else in any order (the same set). With a finite `floor` only scores >= floor
-// compete (fewer than k may come back): a caller that holds k better candidates elsewhere skips
-// the rest in one pass. When `seeded`, the n_seeds seeds (seed_v, seed_i) compete too (-inf: an
-// empty slot), with their ids, and score j comes back as id j + offset.
+// if `sorted`, else in any order (the same set). With `seeds`, the top-k of the row and its seeds;
+// once k seeds are given, a score below the k-th of them cannot rank, so the row is read in one
+// pass for the scores at or above it.
 void select_row(const float* row, int64_t n, int64_t k, float* out_v, int64_t* out_i, Workspace& ws,
-                bool sorted, float floor = -std::numeric_limits<float>::infinity(), bool seeded = false,
-                const float* seed_v = nullptr, const int64_t* seed_i = nullptr, int64_t n_seeds = 0,
-                int64_t offset = 0) {
+                bool sorted, const Seeds* seeds = nullptr) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  if (floor > neg_inf || seeded) {
+  if (seeds) {
     ws.cand.clear();
-    for (int64_t t = 0; t < n_seeds; ++t)
-      if (seed_v[t] > neg_inf) ws.cand.emplace_back(seed_v[t], seed_i[t]);
-    const float low = std::max(floor, std::numeric_limits<float>::lowest());  // masked (-inf) keys never pass
+    ws.scratch.clear();
+    for (int64_t t = 0; t < seeds->n; ++t)
+      if (seeds->v[t] > neg_inf) {
+        ws.cand.emplace_back(seeds->v[t], seeds->i[t]);
+        ws.scratch.push_back(seeds->v[t]);
+      }
+    const auto given = static_cast<int64_t>(ws.scratch.size());
+    // masked (-inf) scores never pass, whatever the seeds
+    const float low = given >= k ? kth_largest(ws.scratch.data(), given, k, ws.group_max)
+                                 : std::numeric_limits<float>::lowest();
     int64_t i = 0;
 #if defined(__SSE2__)
     const __m128 f = _mm_set1_ps(low);
     for (; i + 4 <= n; i += 4)
       for (unsigned bits = _mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(row + i), f)); bits; bits &= bits - 1)
-        ws.cand.emplace_back(row[i + __builtin_ctz(bits)], offset + i + __builtin_ctz(bits));
+        ws.cand.emplace_back(row[i + __builtin_ctz(bits)], seeds->offset + i + __builtin_ctz(bits));
 #endif
     for (; i < n; ++i)
-      if (row[i] >= low) ws.cand.emplace_back(row[i], offset + i);
+      if (row[i] >= low) ws.cand.emplace_back(row[i], seeds->offset + i);
     take_best(ws.cand, k, out_v, out_i, sorted);
     return;
   }
@@ -282,13 +294,12 @@ int64_t sample_row(const int64_t* top, int64_t k, int64_t end, int64_t m, RowRng
 // full (P*R, L) score matrix, in no particular order. With m > 0 each row also draws its tail
 // sample (the same draw as tail_sample for this seed) and reads the sampled keys' scores from the
 // buffer: values and indices are then (P*R, k + m), the samples last (unused slots -inf, 0), and
-// the third result holds their log-weights (P*R, m) (-inf in unused slots). floor: (P*R,) float32,
-// or empty: row r then ranks only its scores >= floor[r] (see select_row; not with m > 0).
+// the third result holds their log-weights (P*R, m) (-inf in unused slots).
 // seed_v (P*R, s) float32 and seed_i (P*R, s) int64 (s >= 0), or 1-D empty tensors: each row's
 // seeds compete with its scores (select_row), and key j comes back as index j + offset (not with m > 0).
 std::vector<torch::Tensor> scores_topk(torch::Tensor q, torch::Tensor key, int64_t k, torch::Tensor row_end,
-                                       int64_t m, int64_t seed, torch::Tensor floor, torch::Tensor seed_v,
-                                       torch::Tensor seed_i, int64_t offset) {
+                                       int64_t m, int64_t seed, torch::Tensor seed_v, torch::Tensor seed_i,
+                                       int64_t offset) {
   TORCH_CHECK(q.dim() == 3 && key.dim() == 3 && q.scalar_type() == torch::kFloat32 &&
                   key.scalar_type() == torch::kFloat32 && q.size(0) == key.size(0) && q.size(2) == key.size(2),
               "q (P, R, D) and key (P, L, D) must be float32");
@@ -299,10 +310,6 @@ std::vector<torch::Tensor> scores_topk(torch::Tensor q, torch::Tensor key, int64
   auto out = empty_result(problems * rows, slots, q.options());
   out.push_back(empty_log_weights(problems * rows, m, q.options()));
   const int64_t* end = row_end.numel() ? row_end.data_ptr<int64_t>() : nullptr;
-  TORCH_CHECK(floor.numel() == 0 || (m == 0 && floor.numel() == problems * rows && floor.is_contiguous() &&
-                                     floor.scalar_type() == torch::kFloat32),
-              "floor must be empty, or (P*R,) contiguous float32 without tail samples");
-  const float* low = floor.numel() ? floor.data_ptr<float>() : nullptr;
   const bool seeded = seed_v.dim() == 2;
   const int64_t n_seeds = seeded ? seed_v.size(1) : 0;
   TORCH_CHECK(!seeded || (m == 0 && seed_v.size(0) == problems * rows &&
@@ -338,8 +345,8 @@ std::vector<torch::Tensor> scores_topk(torch::Tensor q, torch::Tensor key, int64
         const float* row = buffer.data() + i * width;
         float* v = out_v + r * slots;
         int64_t* idx = out_i + r * slots;
-        select_row(row, n, k, v, idx, ws, false, low ? low[r] : -std::numeric_limits<float>::infinity(),
-                   seeded, sv + r * n_seeds, si + r * n_seeds, n_seeds, offset);
+        const Seeds row_seeds{sv + r * n_seeds, si + r * n_seeds, n_seeds, offset};
+        select_row(row, n, k, v, idx, ws, false, seeded ? &row_seeds : nullptr);
         if (m == 0) continue;
         const int64_t drawn = sample_row(idx, k, n, m, RowRng(static_cast<uint64_t>(seed), r), idx + k,
                                          out_logw + r * m, ranks, sorted_top);

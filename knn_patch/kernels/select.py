@@ -126,7 +126,6 @@ def scores_topk(
     row_end: torch.Tensor | None = None,
     tail: int = 0,
     generator: torch.Generator | None = None,
-    floor: torch.Tensor | None = None,
     seeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,16 +138,15 @@ def scores_topk(
     blocks of 64 rows into a per-thread buffer and selects and samples them while they are in
     cache, never writing the (R, L) scores out: ~1.6x faster than a matmul followed by `topk_rows`
     at L = 4096, and the samples cost no gather.
-    With `floor` (P*R,), row r ranks only its scores >= floor[r] (fewer than k may come back): a
-    caller that already holds k candidates scoring >= floor[r] skips the rest in one pass.
     With `seeds` (values, ids), each (P*R, s), row r's seeds compete with its scores (value -inf:
     an empty slot) and come back with their ids, while key j comes back as j + `offset`: the top-k
-    of a row's own candidates and these keys in one selection (no tail).
+    of a row's own candidates and these keys in one selection (no tail). Compiled, a row with k
+    seeds reads its scores in one pass for those at or above its k-th seed, the only ones that
+    can rank.
     """
     if key.dtype == query.dtype and fused_available(query.device, query.dtype):
         ends = torch.empty(0, dtype=torch.int64) if row_end is None else row_end.to(torch.int64).contiguous()
         seed = draw_seed(generator) if tail else 0
-        low = torch.empty(0) if floor is None else floor.float().contiguous()
         sv, si = (torch.empty(0), torch.empty(0, dtype=torch.int64)) if seeds is None else seeds
         return extension().scores_topk(
             query.detach().contiguous(),
@@ -157,7 +155,6 @@ def scores_topk(
             ends,
             tail,
             seed,
-            low,
             sv.float().contiguous(),
             si.to(torch.int64).contiguous(),
             offset,
@@ -165,8 +162,6 @@ def scores_topk(
     if tail:
         raise RuntimeError("scores_topk draws tail samples only compiled; check fused_available first.")
     scores = torch.matmul(query, key.transpose(-1, -2)).reshape(-1, key.shape[-2])  # (P*R, L)
-    if floor is not None:
-        scores = scores.masked_fill(scores < floor.unsqueeze(-1), -torch.inf)
     if seeds is None:
         values, indices = topk_rows(scores, k, row_end)
     else:  # the seeds as the first columns, then back to their ids
