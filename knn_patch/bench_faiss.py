@@ -140,15 +140,16 @@ def run_growth(
 
     with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("growth", total=len(ns) * len(methods) * (repeats + 1))
-        for method in methods:  # warm-up: lazy initialisation and the compiled selection
-            _layer_fn(method, k, options)(*layer_inputs(min(1024, *ns)))
+        fns = {method: _layer_fn(method, k, options) for method in methods}
+        for fn in fns.values():  # warm-up: lazy initialisation and the compiled selection
+            fn(*layer_inputs(min(1024, *ns)))
         for n in ns:
             q, kk, v = layer_inputs(n)
             row: dict = {"n": n, "times": {}, "samples": {m: [] for m in methods}, "recall": {}}
             for _ in range(repeats):
                 for method in methods:
                     bar.update(task, description=f"n={n} {method}")
-                    row["samples"][method].append(_time(partial(_layer_fn(method, k, options), q, kk, v)))
+                    row["samples"][method].append(_time(partial(fns[method], q, kk, v)))
                     bar.advance(task)
             for method in methods:
                 row["times"][method] = statistics.median(row["samples"][method])
