@@ -87,6 +87,7 @@ std::pair<float, float> min_max(const float* x, int64_t n) {
 float kth_largest(const float* v, int64_t n, int64_t k, std::vector<float>& tmp) {
   constexpr int64_t nb = 64;
   const auto [lo, hi] = min_max(v, n);
+  if (k == n) return lo;
   if (!(hi > lo)) return hi;
   if (!std::isfinite(hi - lo)) {  // infinities: no buckets
     tmp.assign(v, v + n);
