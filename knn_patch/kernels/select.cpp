@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -877,9 +878,12 @@ std::vector<torch::Tensor> ivf_topk(torch::Tensor q, torch::Tensor centroids, to
     at::NoGradGuard no_grad;
     // Each thread keeps its buffers across calls (attention calls this for every block: fresh
     // buffers of megabytes cost page faults and zero-filling each time); every element is
-    // written before it is read, and in_first is all zero between uses.
-    static thread_local IvfBuffers buffers;
-    IvfBuffers& b = buffers;
+    // written before it is read, and in_first is all zero between uses. They are reached through a
+    // pointer: with the thread_local object itself, GCC recomputed its address (a __tls_get_addr
+    // call) inside the hot loops, and in the AMX helpers it cloned for that constant address.
+    static thread_local std::unique_ptr<IvfBuffers> buffers;
+    if (!buffers) buffers = std::make_unique<IvfBuffers>();
+    IvfBuffers& b = *buffers;
 #ifdef KNN_PATCH_AMX
     AmxScan& tiles = b.tiles;
     if (amx) {
