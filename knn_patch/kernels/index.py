@@ -83,8 +83,8 @@ DEFAULTS: dict[str, Any] = {
     "ef_construction": 40,
     # queries per causal block, scored exactly against their own block: larger blocks mean fewer
     # searches and adds, and the newest keys scored exactly (where most misses were); on SmolLM2's
-    # layer-3 activations 768 beat 512 at 4k-64k tokens in both time and recall@32 (64k: 8.3 s
-    # against 9.4 s, recall 0.944 against 0.923; one-off alternating runs at commit 19ce05d)
+    # layer-3 activations 768 was faster than 512 at 4k-64k tokens, with equal or higher recall@32
+    # (64k: 8.3 s against 9.4 s, recall 0.944 against 0.923; one-off alternating runs at 19ce05d)
     "block_size": 768,
     "sync_every": 64,  # keys join an index in batches; the newest (< sync_every) are scored exactly
     "retrain_growth": 1.25,  # an IVF retrains when its keys have grown this many times; None: never
