@@ -56,15 +56,18 @@ def fit_exponent(ns: list[int], times: list[float]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
 
 
+# The ivf options growth can sweep: option -> (method-name tag, type); "faiss-ivf-np48" is ivf at nprobe=48.
+SWEEPS = {"nprobe": ("np", int), "scan_fraction": ("sf", float), "block_size": ("bs", int)}
+
+
 def _index_options(method: str, options: dict) -> dict:
-    """The faiss options of a growth method: "faiss-ivf", "faiss-hnsw", "faiss-ivf-np<nprobe>" or
-    "faiss-ivf-sf<scan_fraction>"."""
+    """The faiss options of a growth method: "faiss-ivf", "faiss-hnsw", or "faiss-ivf-<tag><value>"
+    for a swept option (`SWEEPS`)."""
     _, index, *sweep = method.split("-")
     extra = {}
-    if sweep and sweep[0].startswith("np"):
-        extra = {"nprobe": int(sweep[0][2:])}
-    elif sweep:
-        extra = {"scan_fraction": float(sweep[0][2:])}
+    for name, (tag, kind) in SWEEPS.items():
+        if sweep and sweep[0].startswith(tag):
+            extra = {name: kind(sweep[0][len(tag) :])}
     return validate_index_options({**options, "index": index, **extra})
 
 
@@ -375,6 +378,13 @@ def main(argv: list[str] | None = None) -> None:
         help="growth, recall: share of the IVF's keys a query scans at most (default 0.125); growth times "
         "faiss-ivf at each value given",
     )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="growth, recall: queries per causal block (default 768); growth times faiss-ivf at each value given",
+    )
     p.add_argument("--repeats", type=int, default=1, help="growth: timed runs per point (median)")
     p.add_argument("--steps", type=int, default=8, help="decode: timed steps (median)")
     p.add_argument("--seed", type=int, default=0)
@@ -389,21 +399,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.faiss_threads is not None:
         faiss_module().omp_set_num_threads(args.faiss_threads)
     ivf = {} if args.nlist is None else {"nlist": args.nlist}
-    sweeps = {"nprobe": args.nprobe or [], "scan_fraction": args.scan_fraction or []}
+    sweeps = {name: getattr(args, name) or [] for name in SWEEPS}
     for name, values in sweeps.items():
         flag = "--" + name.replace("_", "-")
         if len(values) > 1 and args.what != "growth":
             p.error(f"{flag} takes several values only with growth")
         if len(values) == 1:
             ivf[name] = values[0]
-    if all(len(values) > 1 for values in sweeps.values()):
-        p.error("give several values to --nprobe or to --scan-fraction, not to both")
+    swept = [name for name, values in sweeps.items() if len(values) > 1]
+    if len(swept) > 1:
+        p.error("give several values to one of --nprobe, --scan-fraction and --block-size, not to more")
     if args.sink_tokens < 0:
         p.error(f"--sink-tokens must be >= 0, not {args.sink_tokens}")
     several = ["faiss-ivf"]
-    for name, tag in (("nprobe", "np"), ("scan_fraction", "sf")):
-        if len(sweeps[name]) > 1:
-            several = [f"faiss-ivf-{tag}{value}" for value in sweeps[name]]
+    for name in swept:
+        several = [f"faiss-ivf-{SWEEPS[name][0]}{value}" for value in sweeps[name]]
     methods = [name for m in args.methods for name in (several if m == "faiss-ivf" else [m])]
     validate_index_options({**ivf, "index": args.index})  # bad settings fail before any model loads
     for method in methods:

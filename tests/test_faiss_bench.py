@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from knn_patch import bench_faiss
 from knn_patch.bench_faiss import _index_options, fit_exponent, main, real_inputs, run_decode, run_growth
 from knn_patch.kernels.index import validate_index_options
 
@@ -27,6 +28,7 @@ def test_growth_methods_name_their_index_and_sweep_value():
     assert _index_options("faiss-ivf-sf0.25", {}) == validate_index_options(
         {"index": "ivf", "scan_fraction": 0.25}
     )
+    assert _index_options("faiss-ivf-bs768", {}) == validate_index_options({"index": "ivf", "block_size": 768})
     assert _index_options("faiss-hnsw", {})["index"] == "hnsw"
 
 
@@ -38,7 +40,9 @@ def test_growth_methods_name_their_index_and_sweep_value():
             ["recall", "--scan-fraction", "0.1", "0.2"],
             "--scan-fraction takes several values only with growth",
         ),
-        (["growth", "--nprobe", "16", "32", "--scan-fraction", "0.1", "0.2"], "not to both"),
+        (["recall", "--block-size", "512", "768"], "--block-size takes several values only with growth"),
+        (["growth", "--nprobe", "16", "32", "--scan-fraction", "0.1", "0.2"], "not to more"),
+        (["growth", "--scan-fraction", "0.1", "0.2", "--block-size", "512", "768"], "not to more"),
     ],
 )
 def test_sweeps_are_for_growth_only_and_one_at_a_time(capsys, argv, message):
@@ -65,6 +69,14 @@ def test_bad_settings_fail_before_any_model_loads(capsys, monkeypatch):
             main(argv)
     with pytest.raises(ValueError, match="'index'"):
         main(["decode", "--index", "lsh"])
+
+
+def test_growth_methods_take_turns_run_by_run(monkeypatch):
+    """Each round runs every method once, so that a machine whose speed drifts slows them alike."""
+    calls = []
+    monkeypatch.setattr(bench_faiss, "_layer_fn", lambda method, k, options: lambda *a: calls.append(method))
+    run_growth([64], methods=("sdpa", "topk"), repeats=3, progress=False)
+    assert calls == ["sdpa", "topk"] + ["sdpa", "topk"] * 3  # the warm-up, then three rounds
 
 
 @pytest.mark.slow
