@@ -383,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         nargs="+",
         default=None,
-        help="growth, recall: queries per causal block (default 768); growth times faiss-ivf at each value given",
+        help="growth, recall: queries per causal block (default 768); growth times faiss-ivf at each value "
+        "given",
     )
     p.add_argument("--repeats", type=int, default=1, help="growth: timed runs per point (median)")
     p.add_argument("--steps", type=int, default=8, help="decode: timed steps (median)")

@@ -28,7 +28,9 @@ def test_growth_methods_name_their_index_and_sweep_value():
     assert _index_options("faiss-ivf-sf0.25", {}) == validate_index_options(
         {"index": "ivf", "scan_fraction": 0.25}
     )
-    assert _index_options("faiss-ivf-bs768", {}) == validate_index_options({"index": "ivf", "block_size": 768})
+    assert _index_options("faiss-ivf-bs768", {}) == validate_index_options(
+        {"index": "ivf", "block_size": 768}
+    )
     assert _index_options("faiss-hnsw", {})["index"] == "hnsw"
 
 
