@@ -31,8 +31,8 @@ CONFIG_KEY = "knn_attention"
 # Families checked in this project's tests; any other family whose attention modules dispatch
 # through transformers' AttentionInterface works the same way.
 TESTED_FAMILIES = (
-    "gemma2", "gemma3_text", "gpt2", "gpt_neox", "granite", "llama", "mistral", "mixtral", "olmo2", "opt",
-    "phi", "phi3", "qwen2", "qwen3", "qwen3_moe", "smollm3", "starcoder2",
+    "falcon", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "granite", "llama", "mistral", "mixtral", "olmo2",
+    "opt", "phi", "phi3", "qwen2", "qwen3", "qwen3_moe", "smollm3", "starcoder2",
 )  # fmt: skip
 
 
@@ -130,6 +130,10 @@ def patch(model: PreTrainedModel, config: KNNConfig | None = None, /, **override
             f"layers 0..{n_layers - 1}."
         )
     previous = getattr(model, "_knn_previous_attn", None) or model.config._attn_implementation or "sdpa"
+    if previous.startswith("knn_"):
+        # loaded with attn_implementation="knn_<backend>" but never patched: the model's own
+        # implementation is unknown, so unpatch restores transformers' default
+        previous = "sdpa"
     if previous not in ("sdpa", "eager"):
         logger.warning_once(
             f"knn_patch: while patched, dense layers run SDPA instead of {previous!r}; unpatch restores it."

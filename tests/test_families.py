@@ -1,8 +1,11 @@
 """At k >= n, kNN attention equals the dense model in every family: logits, gradients, generate()."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, model_type, tiny_model
 
 import knn_patch
 from knn_patch.patcher import TESTED_FAMILIES
@@ -27,8 +30,12 @@ def logits_and_grads(model, ids, mask):
     return out.detach()[keep], grads
 
 
-def test_error_messages_name_exactly_the_families_tested_here():
-    assert sorted(TESTED_FAMILIES) == sorted(FAMILIES)
+def test_error_messages_and_readme_name_exactly_the_families_tested_here():
+    assert sorted(TESTED_FAMILIES) == sorted({model_type(name) for name in FAMILIES})
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Tested families", 1)[1]
+    listed = section.split("tokens, for:", 1)[1].split(".\n", 1)[0]
+    assert sorted(re.findall(r"`(\w+)`", listed)) == sorted(TESTED_FAMILIES)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -18,7 +18,8 @@ _COMMON = dict(
     max_position_embeddings=256,
 )
 
-# model_type -> config overrides. Windows are small so that sliding-window masks really cut keys.
+# name -> config overrides (and `model_type` where the name is a variant of a family). Windows are
+# small so that sliding-window masks really cut keys.
 FAMILIES: dict[str, dict] = {
     "llama": _COMMON,
     "mistral": {**_COMMON, "sliding_window": 8},
@@ -55,6 +56,31 @@ FAMILIES: dict[str, dict] = {
     "phi": {**_COMMON, "num_key_value_heads": 4},
     "granite": _COMMON,
     "smollm3": _COMMON,
+    # multi-query attention (one KV head), parallel attention and MLP
+    "falcon": dict(
+        vocab_size=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    ),
+    # Falcon-40B/180B's layout: grouped KV heads and two layer norms
+    "falcon_gqa": dict(
+        model_type="falcon",
+        vocab_size=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        max_position_embeddings=256,
+    ),
     "opt": dict(
         vocab_size=128,
         bos_token_id=1,
@@ -73,10 +99,15 @@ FAMILIES: dict[str, dict] = {
 DENSE_REFERENCE = {"gemma2": "eager"}
 
 
+def model_type(family: str) -> str:
+    return FAMILIES[family].get("model_type", family)
+
+
 def tiny_model(
     family: str, attn_implementation: str | None = None, seed: int = 0, **overrides
 ) -> torch.nn.Module:
-    config = AutoConfig.for_model(family, **{**FAMILIES[family], **overrides})
+    spec = {**FAMILIES[family], **overrides}
+    config = AutoConfig.for_model(spec.pop("model_type", family), **spec)
     torch.manual_seed(seed)
     impl = attn_implementation or DENSE_REFERENCE.get(family, "sdpa")
     model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=torch.float32)
