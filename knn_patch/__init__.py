@@ -20,7 +20,7 @@ from .patcher import (
     patched,
     unpatch,
 )
-from .registry import available_backends, register_backend
+from .registry import available_backends, register_backend, registered_backend, unregister_backend
 
 __all__ = [
     "HubUnavailableError",
@@ -37,6 +37,8 @@ __all__ = [
     "patch",
     "patched",
     "register_backend",
+    "registered_backend",
     "resolve_k",
     "unpatch",
+    "unregister_backend",
 ]

@@ -6,13 +6,14 @@ on these rather than only on random tensors.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .patcher import patched
-from .registry import register_backend
+from .registry import registered_backend
 
 
 def capture_activations(
@@ -35,7 +36,6 @@ def capture_activations(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
 
-    register_backend("capture", capture)
     layers = None if layers is None else list(layers)
     # layers after the last recorded one cannot change it: a base model stops there (restored after)
     stack = getattr(model, "layers", None)
@@ -43,7 +43,12 @@ def capture_activations(
     if cut:
         model.layers = stack[: max(layers) + 1]
     try:
-        with torch.no_grad(), patched(model, backend="capture", layers=layers):
+        # registered for this call only: a global entry would keep `captured` alive after it
+        with (
+            torch.no_grad(),
+            registered_backend(f"capture_{uuid.uuid4().hex[:8]}", capture) as backend,
+            patched(model, backend=backend.name, layers=layers),
+        ):
             model(input_ids=input_ids)
     finally:
         if cut:

@@ -12,8 +12,9 @@ float or flex masks, attention sinks, position biases) to the layer's previous i
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,42 @@ def register_backend(
     backend = Backend(name, forward, validate_options, sinks_and_window)
     _BACKENDS[name] = backend
     return backend
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend added with `register_backend`, from knn_patch and from transformers'
+    interfaces, so that nothing keeps its function (or what the function holds) alive. A model still
+    patched with it cannot run afterwards: unpatch it first. Built-in backends stay."""
+    if name in _BUILTIN:
+        raise ValueError(f"Backend {name!r} is built in and cannot be unregistered.")
+    backend = _BACKENDS.pop(name, None)
+    if backend is None:
+        raise ValueError(f"No backend {name!r} is registered; registered: {available_backends()}.")
+    # transformers has `register` but no way to remove a global entry: its global mappings are plain
+    # class-level dicts, one per interface.
+    for interface in (AttentionInterface, AttentionMaskInterface):
+        interface._global_mapping.pop(backend.attn_implementation, None)
+
+
+@contextlib.contextmanager
+def registered_backend(
+    name: str,
+    forward: AttentionFn,
+    *,
+    validate_options: Callable[[Mapping[str, Any]], None] | None = None,
+    sinks_and_window: bool = True,
+) -> Iterator[Backend]:
+    """`register_backend` for the `with` block only: unregistered on exit, even on error. The name
+    must be free, so that leaving the block cannot remove someone else's backend."""
+    if name in _BACKENDS or name in _BUILTIN:
+        raise ValueError(f"Backend {name!r} is already registered; pick another name.")
+    backend = register_backend(
+        name, forward, validate_options=validate_options, sinks_and_window=sinks_and_window
+    )
+    try:
+        yield backend
+    finally:
+        unregister_backend(name)
 
 
 def get_backend(name: str) -> Backend:

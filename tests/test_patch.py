@@ -1,9 +1,19 @@
 """Patch lifecycle: unpatch restores, layers are selected, configs survive reload, bad input fails early."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from tiny_models import tiny_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.masking_utils import AttentionMaskInterface
 
 import knn_patch
 from knn_patch import KNNConfig, UnsupportedModelError
@@ -102,23 +112,68 @@ def test_layer_out_of_range():
         knn_patch.patch(tiny_model("llama"), k=2, layers=[5])
 
 
-@pytest.mark.parametrize(
-    ("family", "kwargs"),
-    [
-        ("falcon", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4)),
-        ("bloom", dict(hidden_size=32, n_layer=1, n_head=4)),
-        ("mpt", dict(d_model=32, n_layers=1, n_heads=4)),
-        (
-            "gpt_neo",
-            dict(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]]),
-        ),
-        ("mamba", dict(hidden_size=32, num_hidden_layers=1)),
-    ],
-)
-def test_unsupported_family_is_named(family, kwargs):
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, vocab_size=64, **kwargs))
-    with pytest.raises(UnsupportedModelError, match=f"'{family}'.*llama"):
+class OwnAttentionConfig(PretrainedConfig):
+    model_type = "own_attention"
+
+    def __init__(self, vocab_size=64, hidden_size=16, **kwargs):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        super().__init__(**kwargs)
+
+
+class OwnAttention(torch.nn.Module):
+    """Attention computed in its own forward, as families not ported to the AttentionInterface do."""
+
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.qkv = torch.nn.Linear(hidden_size, 3 * hidden_size)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class OwnAttentionForCausalLM(PreTrainedModel):
+    config_class = OwnAttentionConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        self.attn = OwnAttention(config.hidden_size)
+        self.head = torch.nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def forward(self, input_ids, **kwargs):
+        return self.head(self.attn(self.embed(input_ids)))
+
+
+def test_a_model_whose_attention_does_not_dispatch_is_named_and_left_untouched():
+    model = OwnAttentionForCausalLM(OwnAttentionConfig())
+    ids = torch.arange(3, 13)[None]
+    before = model(ids)
+    with pytest.raises(UnsupportedModelError, match=r"'own_attention'.*AttentionInterface.*llama"):
         knn_patch.patch(model, k=4)
+    assert not knn_patch.is_patched(model) and torch.equal(model(ids), before)
+
+
+def test_a_family_without_attention_is_named():
+    # mamba is a state-space model: it has no attention to patch, whatever transformers ports
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("mamba", vocab_size=64, hidden_size=32, num_hidden_layers=1)
+    )
+    with pytest.raises(UnsupportedModelError, match="'mamba'"):
+        knn_patch.patch(model, k=4)
+
+
+def test_unpatch_of_a_model_loaded_with_the_knn_name_restores_dense(tmp_path):
+    model = tiny_model("llama")
+    dense = logits(model)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="knn_topk")
+    knn_patch.patch(loaded, k=2)
+    assert not torch.equal(logits(loaded), dense)
+    knn_patch.unpatch(loaded)
+    assert loaded.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(logits(loaded), dense, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("thing", [torch.nn.Linear(2, 2), "llama", None])
@@ -140,12 +195,53 @@ def test_backends_are_added_by_name_without_touching_the_patcher():
         if set(options) != {"tag"}:
             raise ValueError(f"KNNConfig.backend_options must be {{'tag': ...}}, got {dict(options)}")
 
+    before_registry = knn_patch.available_backends()
     knn_patch.register_backend("mirror", mirror, validate_options=validate)
-    assert "mirror" in knn_patch.available_backends()
-    with pytest.raises(ValueError, match="backend_options"):
+    try:
+        assert "mirror" in knn_patch.available_backends()
+        with pytest.raises(ValueError, match="backend_options"):
+            KNNConfig(backend="mirror")
+        model = tiny_model("llama")
+        before = logits(model)
+        knn_patch.patch(model, backend="mirror", backend_options={"tag": "x"})
+        assert model.config._attn_implementation == "knn_mirror"
+        assert torch.equal(logits(model), before) and calls == ["x", "x"]  # one call per layer
+        knn_patch.unpatch(model)
+    finally:
+        knn_patch.unregister_backend("mirror")
+    assert knn_patch.available_backends() == before_registry
+    assert "knn_mirror" not in AttentionInterface._global_mapping
+    assert "knn_mirror" not in AttentionMaskInterface._global_mapping
+    with pytest.raises(ValueError, match="'mirror' is unknown"):
         KNNConfig(backend="mirror")
+
+
+def test_builtin_backends_cannot_be_unregistered_and_scoped_names_must_be_free():
+    with pytest.raises(ValueError, match="built in"):
+        knn_patch.unregister_backend("topk")
+    with pytest.raises(ValueError, match="No backend 'nothing'"):
+        knn_patch.unregister_backend("nothing")
+    with pytest.raises(ValueError, match="already registered"), knn_patch.registered_backend("topk", print):
+        pass
+
+
+def test_a_scoped_backend_is_gone_after_its_block_even_on_error():
+    before = knn_patch.available_backends()
+    with pytest.raises(RuntimeError, match="boom"), knn_patch.registered_backend("scoped", print):
+        assert "scoped" in knn_patch.available_backends()
+        raise RuntimeError("boom")
+    assert knn_patch.available_backends() == before
+
+
+def test_capturing_activations_leaves_no_backend_and_keeps_no_tensor():
+    from knn_patch.activations import capture_activations
+
     model = tiny_model("llama")
-    before = logits(model)
-    knn_patch.patch(model, backend="mirror", backend_options={"tag": "x"})
-    assert model.config._attn_implementation == "knn_mirror"
-    assert torch.equal(logits(model), before) and calls == ["x", "x"]  # one call per layer
+    before = knn_patch.available_backends(), set(AttentionInterface._global_mapping)
+    captured = capture_activations(model, torch.arange(3, 23)[None], layers=[0])
+    assert captured[0]["k"].shape == (1, 2, 20, 8)  # (B, Hkv, L, D)
+    assert (knn_patch.available_backends(), set(AttentionInterface._global_mapping)) == before
+    alive = weakref.ref(captured[0]["k"])
+    del captured
+    gc.collect()
+    assert alive() is None, "something still holds the captured tensors"
