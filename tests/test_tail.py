@@ -157,3 +157,43 @@ def test_bad_options_are_clear_errors():
             KNNConfig(k=2, backend=backend, sink_tokens=1)
         with pytest.raises(ValueError, match="does not take sink_tokens or local_window"):
             KNNConfig(k=2, backend=backend, local_window=4)
+
+
+SAMPLED = [("tail", {"m": 3}), ("gumbel", {"samples": 4})]
+
+
+@pytest.mark.parametrize(("backend", "options"), SAMPLED, ids=[b for b, _ in SAMPLED])
+def test_training_draws_afresh_every_call_and_eval_repeats_its_draws(backend, options):
+    # the estimators are unbiased only over fresh draws: replaying one sample every step is a bias
+    model = knn_patch.patch(tiny_model("llama"), KNNConfig(k=2, backend=backend, backend_options=options))
+    ids = torch.arange(3, 43).view(2, 20)
+    with torch.no_grad():
+        model.train()
+        torch.manual_seed(0)
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+        torch.manual_seed(0)
+        replay = model(input_ids=ids).logits
+        model.eval()
+        eval_a, eval_b = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert not torch.allclose(first, second), "two training steps drew the same keys"
+    assert torch.equal(first, replay), "torch.manual_seed reproduces a training run"
+    assert torch.equal(eval_a, eval_b)
+
+
+@pytest.mark.parametrize(("backend", "options"), SAMPLED, ids=[b for b, _ in SAMPLED])
+def test_activation_checkpointing_recomputes_with_the_forwards_draws(backend, options):
+    ids = torch.arange(3, 43).view(2, 20)
+
+    def grads(checkpointing):
+        model = tiny_model("llama").train()
+        knn_patch.patch(model, KNNConfig(k=2, backend=backend, backend_options=options))
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(0)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, recomputed = grads(False), grads(True)
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -5,7 +5,7 @@ Options (`KNNConfig.backend_options`): `samples` (draws per query, default 32), 
 means over that many groups, dividing `samples`; default 1, the plain mean), `exact_backward`
 (default False: the sampled dQ, dK and dV estimators, which need samples >= 2; True: the exact
 gradient of dense attention, for comparison) and `seed` (as in `tail`: default 0, reproducible per
-(seed, layer); None for fresh draws every call).
+(seed, layer) in eval mode and fresh every call in training; None for fresh draws every call).
 
 Rule for k >= n: with at least as many nearest keys as keys there is no tail to sample, and the call
 returns exact attention (the estimator's limit), so k >= n equals dense attention.
@@ -99,7 +99,9 @@ def gumbel_attention_forward(
         is_causal=kwargs.get("is_causal", getattr(module, "is_causal", True)),
         exact_backward=options["exact_backward"],
         chunk_size=knn_config.chunk_size,
-        generator=layer_generator(options["seed"], getattr(module, "layer_idx", None), query.device),
+        generator=layer_generator(
+            options["seed"], getattr(module, "layer_idx", None), query.device, training=module.training
+        ),
     )
     return out.transpose(1, 2).contiguous(), None  # (B, Hq, Lq, D) -> (B, Lq, Hq, D)
 

@@ -1,9 +1,9 @@
 """`tail` backend: the top-k keys exact plus m uniformly sampled other keys, reweighted by n_rest/m.
 
 Options (`KNNConfig.backend_options`): `m` (sampled keys per query, default 32; 0 gives `topk`
-exactly) and `seed` (default 0: each call draws from a generator seeded with (seed, layer), so a
-run is reproducible and equal inputs give equal outputs; None draws fresh randomness every call,
-as training may prefer).
+exactly) and `seed` (default 0: in eval mode each call draws from a generator seeded with (seed,
+layer), so a run is reproducible and equal inputs give equal outputs; in training mode every call
+draws afresh, reproducibly under `torch.manual_seed`; None draws fresh randomness every call).
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def tail_attention_forward(
         softcap=kwargs.get("softcap"),
         dropout=dropout,
         chunk_size=knn_config.chunk_size,
-        generator=layer_generator(options["seed"], getattr(module, "layer_idx", None), query.device),
+        generator=layer_generator(
+            options["seed"], getattr(module, "layer_idx", None), query.device, training=module.training
+        ),
     )
     return out.transpose(1, 2).contiguous(), None  # (B, Hq, Lq, D) -> (B, Lq, Hq, D)
 

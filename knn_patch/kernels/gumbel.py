@@ -134,7 +134,9 @@ class _GumbelAttention(torch.autograd.Function):
             return (*grads, *(None,) * 9)
         b, hkv, g, lq, t = draws.shape
         d, dv = q.shape[-1], value.shape[-1]
-        dq, dk = torch.zeros_like(q), torch.zeros_like(key)
+        # contiguous: `_scatter` adds into a flat view, and zeros_like would copy a transposed key's strides
+        dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        dk = torch.zeros_like(key, memory_format=torch.contiguous_format)
         chunk = max(1, _SAMPLE_BUDGET // max(1, b * hkv * g * t * max(d, dv)))
         for q0 in range(0, lq, chunk):
             q1 = min(q0 + chunk, lq)

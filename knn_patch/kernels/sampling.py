@@ -21,14 +21,26 @@ def validate_seed(seed: object) -> None:
         raise ValueError(f"KNNConfig.backend_options['seed']={seed!r} is invalid: use an int >= 0 or None.")
 
 
-def layer_generator(seed: int | None, layer_idx: int | None, device: torch.device) -> torch.Generator:
-    """A generator seeded with (seed, layer): a run reproduces and layers draw differently; None
-    seeds it from fresh randomness."""
+def layer_generator(
+    seed: int | None, layer_idx: int | None, device: torch.device, *, training: bool = False
+) -> torch.Generator:
+    """The generator of one attention call.
+
+    In eval mode it is seeded with (seed, layer): equal inputs give equal outputs, a run reproduces,
+    and layers draw differently. In training the estimators are unbiased only over fresh draws, so
+    each call also mixes in one draw from torch's default CPU generator: steps differ,
+    `torch.manual_seed` (Accelerate's `set_seed`) reproduces a run, and activation checkpointing,
+    which restores that generator before it recomputes a layer, replays the forward's draws. A
+    `seed` of None draws fresh randomness every call, in both modes.
+    """
     gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()
-    else:
-        gen.manual_seed(seed * 1_000_003 + (layer_idx or 0))
+        return gen
+    stream = seed * 1_000_003 + (layer_idx or 0)
+    if training:
+        stream = stream * 2_147_483_659 + int(torch.randint(2**31, (1,)))
+    gen.manual_seed(stream % 2**63)
     return gen
 
 
