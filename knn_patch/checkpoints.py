@@ -16,7 +16,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from .io import write_json_atomic
+from .io import publish, write_json_atomic
 
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step_"
@@ -67,8 +67,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()  # every process's RNG file is written
     if accelerator.is_main_process:
         write_json_atomic(tmp / STATE_FILE, {**state, "step": step})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        publish(tmp, final)
         for old in complete_checkpoints(root)[:-keep]:
             doomed = root / f"{_TMP_PREFIX}old-{old.name}"
             os.replace(old, doomed)  # out of resume's sight before the slow delete

@@ -5,9 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -15,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from knn_patch.assets import SMOLLM2_GGUF, cache_dir, wheel_member
+from knn_patch.io import atomic_dir
 
 DEFAULT_MODEL = "default"
 _DEFAULT_ALIASES = (DEFAULT_MODEL, "smollm2-135m-instruct")
@@ -50,16 +49,10 @@ def _default_dir() -> Path:
     model = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(config_dict))
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{_DEFAULT_FOLDER}-"))
-    try:
-        model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
-        if not target.exists():  # another process may have finished first
-            os.replace(tmp / "model", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    # replace=False: another process may have finished first
+    return atomic_dir(
+        target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)), replace=False
+    )
 
 
 @functools.cache

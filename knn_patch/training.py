@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +33,7 @@ from transformers.pytorch_utils import Conv1D
 from .checkpoints import STATE_FILE, complete_checkpoints, latest_checkpoint, read_state, save_checkpoint
 from .config import KNNConfig
 from .evaluation import ensure_writable, environment, evaluate_perplexity, setting_name
-from .io import atomic_write, write_json_atomic
+from .io import atomic_dir, atomic_write, write_json_atomic
 from .loading import load_model, load_tokenizer
 from .patcher import attention_modules, patch
 from .recipe_config import ModelSection, RecipeConfig, load_recipe
@@ -180,19 +178,6 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_folder)`, then rename the folder to `target` (replacing an older one)."""
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def save_final(accelerator: Accelerator, model: torch.nn.Module, tokenizer, config: RecipeConfig) -> dict:
     """Save the trained model with its kNN config (`knn_attention` in config.json). For LoRA: the adapter
     in `adapter/` and, if `lora.merge`, the merged model in `model/`; else the full model in `model/`."""
@@ -206,11 +191,11 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, tokenizer, conf
             return lambda tmp: (folder_model.save_pretrained(tmp, **kwargs), tokenizer.save_pretrained(tmp))
 
         if config.lora.enabled:
-            paths["adapter"] = _atomic_dir(out / "adapter", save(unwrapped))
+            paths["adapter"] = atomic_dir(out / "adapter", save(unwrapped))
             if config.lora.merge:
-                paths["model"] = _atomic_dir(out / "model", save(unwrapped.merge_and_unload()))
+                paths["model"] = atomic_dir(out / "model", save(unwrapped.merge_and_unload()))
         else:
-            paths["model"] = _atomic_dir(out / "model", save(unwrapped, state_dict=state_dict))
+            paths["model"] = atomic_dir(out / "model", save(unwrapped, state_dict=state_dict))
     accelerator.wait_for_everyone()
     return {k: str(v) for k, v in paths.items()}
 
