@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .kernels.index import KeyIndexes, faiss_module
+from .kernels.index import KeyIndexes, require_faiss
 
 
 class KNNLayer(DynamicLayer):
@@ -102,7 +102,7 @@ class KNNCache(Cache):
     """
 
     def __init__(self) -> None:
-        faiss_module()  # fail early, naming the fix
+        require_faiss()  # fail early, naming the fix; faiss itself loads with the first index
         super().__init__(layer_class_to_replicate=KNNLayer)
 
     def index_memory_bytes(self) -> int:

@@ -3,6 +3,8 @@
 import functools
 import logging
 import math
+import os
+import subprocess
 import sys
 
 import pytest
@@ -389,7 +391,9 @@ def test_missing_faiss_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError
     index_module.faiss_module.cache_clear()
     try:
-        with pytest.raises(ImportError, match=r"pip install faiss-cpu.*knn-patch\[gpu\]"):
+        with pytest.raises(
+            ImportError, match=r"pip install faiss-cpu.*pip uninstall -y faiss-cpu && pip install faiss-gpu"
+        ):
             KNNConfig(backend="faiss")
         with pytest.raises(ImportError, match="pip install faiss-cpu"):
             knn_patch.KNNCache()
@@ -448,3 +452,34 @@ def test_cuda_tensors_match_topk():
         out = retrieval_attention(q, k, v, k=400, options=opts)[0]
         assert out.device.type == "cuda"
         torch.testing.assert_close(out, topk_attention(q, k, v, k=400)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_validating_a_faiss_config_neither_imports_faiss_nor_changes_the_environment():
+    code = (
+        "import os, sys\n"
+        "from knn_patch import KNNConfig\n"
+        "KNNConfig(backend='faiss', backend_options={'index': 'ivf'})\n"
+        "print('faiss' in sys.modules, os.environ.get('OPENBLAS_CORETYPE'))\n"
+        "from knn_patch.kernels.index import faiss_module\n"
+        "faiss_module()  # the first index built loads faiss\n"
+        "print('faiss' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "None", "True"]
+
+
+def test_two_faiss_distributions_are_named_with_the_fix(monkeypatch, caplog):
+    # faiss-cpu and faiss-gpu both install the `faiss` module; the last one installed silently wins
+    both = {"faiss": ["faiss-cpu", "faiss-gpu"]}
+    monkeypatch.setattr(index_module.importlib.metadata, "packages_distributions", lambda: both)
+    index_module.faiss_module.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="knn_patch"):
+            index_module.faiss_module()
+    finally:
+        index_module.faiss_module.cache_clear()
+    assert (
+        "['faiss-cpu', 'faiss-gpu'] all provide" in caplog.text
+        and "pip uninstall -y faiss-cpu" in caplog.text
+    )

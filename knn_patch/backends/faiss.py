@@ -16,7 +16,7 @@ from transformers.utils import logging
 
 from ..cache import indexes_for
 from ..config import KNNConfig
-from ..kernels.index import faiss_module, validate_index_options
+from ..kernels.index import require_faiss, validate_index_options
 from ..kernels.retrieval import retrieval_attention
 from ..registry import register_backend
 
@@ -80,7 +80,7 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
 def validate_options(options: Mapping[str, Any]) -> None:
     """Raise ValueError for unknown options or bad values, and ImportError naming the fix without faiss."""
     validate_index_options(options)
-    faiss_module()
+    require_faiss()
 
 
 register_backend("faiss", faiss_attention_forward, validate_options=validate_options)

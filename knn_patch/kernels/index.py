@@ -43,6 +43,8 @@ the lists and serves the other searches. See `KeyIndex._compiled_search`.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
 import logging
 import math
 import os
@@ -115,21 +117,41 @@ def _openblas_core() -> str | None:
     return None
 
 
+_INSTALL_HINT = (
+    "`pip install faiss-cpu`; on CUDA, `pip uninstall -y faiss-cpu && pip install faiss-gpu` "
+    "(one faiss distribution only: both provide the `faiss` module)"
+)
+
+
+def require_faiss() -> None:
+    """Raise `FaissMissingError` naming the fix when faiss is not installed, without importing it:
+    validating a config must not change process state (see `faiss_module`)."""
+    if sys.modules.get("faiss") is None and importlib.util.find_spec("faiss") is None:
+        raise FaissMissingError(f"The faiss backend and KNNCache need faiss: {_INSTALL_HINT}.")
+
+
 @functools.cache
 def faiss_module():
-    """Import faiss lazily, with an error that names the fix; its OpenBLAS gets this CPU's kernels
-    unless `OPENBLAS_CORETYPE` is set already (see `_openblas_core`)."""
+    """Import faiss on first use (the first index built), with an error that names the fix.
+
+    Before the import, and only then, `OPENBLAS_CORETYPE` is set for the rest of the process to this
+    CPU's kernels unless it is set already (see `_openblas_core`): faiss-cpu's OpenBLAS reads it once,
+    when it loads.
+    """
+    require_faiss()
+    providers = importlib.metadata.packages_distributions().get("faiss", [])
+    if len(set(providers)) > 1:
+        logger.warning(
+            "knn_patch: %s all provide the `faiss` module and the last installed wins; keep one: %s.",
+            sorted(set(providers)),
+            _INSTALL_HINT,
+        )
     if "faiss" not in sys.modules and "OPENBLAS_CORETYPE" not in os.environ:
         core = _openblas_core()
         if core is not None:
-            os.environ["OPENBLAS_CORETYPE"] = core  # read once, when faiss loads its OpenBLAS
-    try:
-        import faiss
-    except ImportError as err:
-        raise FaissMissingError(
-            "The faiss backend and KNNCache need faiss: `pip install faiss-cpu`, or "
-            "`pip install knn-patch[gpu]` for faiss-gpu on CUDA."
-        ) from err
+            os.environ["OPENBLAS_CORETYPE"] = core
+    import faiss
+
     return faiss
 
 
@@ -202,9 +224,10 @@ def _gpu_resources():
 def _warn_cpu_fallback(kind: str) -> None:
     logger.warning(
         "knn_patch: faiss-gpu %s; the %s faiss index runs on CPU and keys are copied there and back. "
-        "Install faiss-gpu (`pip install knn-patch[gpu]`) for CUDA indexes.",
+        "For CUDA indexes: %s.",
         "does not serve HNSW" if kind == "hnsw" else "is not installed",
         kind,
+        _INSTALL_HINT,
     )
 
 
