@@ -31,6 +31,11 @@ def eval_(args: argparse.Namespace) -> dict:
 
     `demo` is this command with defaults for the embedded model on bundled speeches."""
     out = ensure_writable(args.out)  # fail before the long work, not after it
+    if args.max_length < 1:
+        raise ValueError(f"--max-length must be >= 1, got {args.max_length}.")
+    stride = args.max_length if args.stride is None else args.stride  # 0 is an error, not "not given"
+    if not 0 < stride <= args.max_length:
+        raise ValueError(f"--stride must be in [1, --max-length={args.max_length}], got {stride}.")
     configs = [  # bad settings fail here, before the model loads
         KNNConfig(
             k=k.strip(),
@@ -50,7 +55,6 @@ def eval_(args: argparse.Namespace) -> dict:
     )
     if args.max_docs is not None:
         docs = docs.select(range(min(args.max_docs, len(docs))))
-    stride = args.stride or args.max_length
     partial = out / "perplexity.partial.json"  # the finished documents so far, if the run is stopped
     resume_from = None
     if args.resume:

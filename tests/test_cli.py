@@ -42,6 +42,23 @@ def test_unwritable_output_fails_before_any_work(tmp_path):
         main(["eval", "--out", str(blocker / "out")])
 
 
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--stride", "0"], r"--stride must be in \[1, --max-length=2048\], got 0"),  # 0 is not "not given"
+        (["--stride", "-4"], r"--stride .* got -4"),
+        (["--max-length", "64", "--stride", "65"], r"--stride must be in \[1, --max-length=64\], got 65"),
+        (["--max-length", "0"], r"--max-length must be >= 1, got 0"),
+    ],
+)
+def test_bad_windows_fail_before_the_model_loads(tmp_path, args, match, monkeypatch):
+    import knn_patch.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=match):
+        main(["eval", *args, "--out", str(tmp_path)])
+
+
 def test_eval_decode_mode_with_dense_prefill(tmp_path):
     main(["eval", "--max-docs", "1", "--min-tokens", "100", "--max-tokens", "100", "--max-length", "64",
           "--k", "4", "--mode", "decode", "--dense-prefill", "--out", str(tmp_path)])  # fmt: skip
