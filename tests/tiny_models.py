@@ -18,6 +18,17 @@ _COMMON = dict(
     max_position_embeddings=256,
 )
 
+_FALCON = dict(
+    vocab_size=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+)
+
 # name -> config overrides (and `model_type` where the name is a variant of a family). Windows are
 # small so that sliding-window masks really cut keys.
 FAMILIES: dict[str, dict] = {
@@ -57,30 +68,9 @@ FAMILIES: dict[str, dict] = {
     "granite": _COMMON,
     "smollm3": _COMMON,
     # multi-query attention (one KV head), parallel attention and MLP
-    "falcon": dict(
-        vocab_size=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-    ),
+    "falcon": _FALCON,
     # Falcon-40B/180B's layout: grouped KV heads and two layer norms
-    "falcon_gqa": dict(
-        model_type="falcon",
-        vocab_size=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        new_decoder_architecture=True,
-        max_position_embeddings=256,
-    ),
+    "falcon_gqa": {**_FALCON, "model_type": "falcon", "num_kv_heads": 2, "new_decoder_architecture": True},
     "opt": dict(
         vocab_size=128,
         bos_token_id=1,
