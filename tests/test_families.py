@@ -98,3 +98,14 @@ def test_attention_dropout_is_applied_in_training_mode_only():
     assert not torch.allclose(train_a, train_b)
     train_a.sum().backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_small_k_on_an_unpadded_batch_equals_each_row_alone(family):
+    # unpadded batches take the causal path without a mask, where strided queries (gpt2, opt) once failed
+    model = knn_patch.patch(tiny_model(family), k=3)
+    ids, _ = batch(pad=0)
+    with torch.no_grad():
+        together = model(input_ids=ids).logits
+        alone = torch.cat([model(input_ids=row[None]).logits for row in ids])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)

@@ -175,7 +175,7 @@ class _TopKAttention(torch.autograd.Function):
                 row_end = row_end.expand(b, hkv, g, c).reshape(-1)  # one per score row
             if fused and take < n:  # with tail samples, they come along in the last slots
                 sel, pos, logw = scores_topk(
-                    qc.view(b * hkv, g * c, d),
+                    qc.reshape(b * hkv, g * c, d),  # a copy only when the query came strided (gpt2, opt)
                     k32[:, :, lo:hi].reshape(b * hkv, n, d),
                     take,
                     row_end,
