@@ -61,20 +61,38 @@ def resolve_k(k: int | str, n: int) -> int:
     return max(1, math.ceil(n ** float(k[2:]) - 1e-9))
 
 
-def _validate_layers(value: Any) -> tuple[int, ...] | None:
+_LAYERS_FORMS = "'all' (or None), 'global', a list of layer indices or a range"
+# Layer types (transformers' `config.layer_types`) that attend to a local span, not to the whole context.
+_LOCAL_LAYER_TYPES = ("sliding_attention", "chunked_attention", "window_attention", "hybrid_sliding")
+
+
+def _validate_layers(value: Any) -> tuple[int, ...] | str | None:
     if value is None or (isinstance(value, str) and value.lower() == "all"):
         return None
+    if isinstance(value, str) and value.lower() == "global":
+        return "global"
     if isinstance(value, (int, str)) or not isinstance(value, Iterable):
-        raise ValueError(
-            f"KNNConfig.layers={value!r} is invalid: use 'all' (or None), a list of layer indices or a range."
-        )
+        raise ValueError(f"KNNConfig.layers={value!r} is invalid: use {_LAYERS_FORMS}.")
     layers = tuple(value)
     if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
         raise ValueError(
             f"KNNConfig.layers={value!r} is invalid: the indices must be a non-empty list of ints >= 0, "
-            "or 'all'."
+            "or 'all', or 'global'."
         )
     return tuple(sorted(set(layers)))
+
+
+def is_global_layer(model_config: Any, layer_idx: int) -> bool:
+    """Whether layer `layer_idx` of a model with this transformers config attends to the whole context.
+
+    With `layer_types` (Gemma 2/3, Qwen2, Cohere2, GPT-OSS, ...), a layer is global unless its type is
+    a local one (sliding, chunked or windowed attention). Without it (Llama, Mistral, Phi-3, ...), the
+    modeling files apply `sliding_window` to every layer whenever it is set, so then no layer is global.
+    """
+    layer_types = getattr(model_config, "layer_types", None)
+    if layer_types is not None:
+        return layer_types[layer_idx] not in _LOCAL_LAYER_TYPES
+    return getattr(model_config, "sliding_window", None) is None
 
 
 @dataclass(frozen=True)
@@ -94,9 +112,15 @@ class KNNConfig:
         default="topk",
         metadata={"help": "Registered backend name; see knn_patch.available_backends()."},
     )
-    layers: tuple[int, ...] | None = field(
+    layers: tuple[int, ...] | str | None = field(
         default=None,
-        metadata={"help": "Layer indices made kNN; None or 'all' means every layer. Others stay dense."},
+        metadata={
+            "help": "Layers made kNN; the others stay dense. None or 'all': every layer. A list or range of "
+            "indices. 'global': the full-attention layers, read from the model config when patching: "
+            "those whose `layer_types` entry is not sliding, chunked or windowed; a config without "
+            "`layer_types` has no global layer if it sets `sliding_window` (it applies to every layer) "
+            "and is all global otherwise."
+        },
     )
     sink_tokens: int = field(
         default=0,
@@ -142,7 +166,12 @@ class KNNConfig:
         """Keys per query for a call with `n` keys."""
         return resolve_k(self.k, n)
 
-    def uses_layer(self, layer_idx: int) -> bool:
+    def uses_layer(self, layer_idx: int, model_config: Any = None) -> bool:
+        """Whether layer `layer_idx` is made kNN; `layers="global"` needs the model's config to tell."""
+        if self.layers == "global":
+            if model_config is None:
+                raise ValueError("KNNConfig.layers='global' is resolved from a model config; pass it.")
+            return is_global_layer(model_config, layer_idx)
         return self.layers is None or layer_idx in self.layers
 
     def replace(self, **changes: Any) -> KNNConfig:

