@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .loss import causal_lm_nll
+
 
 def windows(
     n_tokens: int, max_length: int, stride: int, score_from: int = 1
@@ -36,12 +38,16 @@ def windows(
 
 
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, input_ids: torch.Tensor, first_scored: int) -> tuple[float, int]:
-    """Summed NLL (nats) and count of the tokens at positions >= first_scored of a (1, L) window."""
-    logits = model(input_ids=input_ids).logits[0, first_scored - 1 : -1].float()  # predicts tokens first..L-1
-    targets = input_ids[0, first_scored:]
-    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-    return float(nll), int(targets.numel())
+def window_nll(
+    model: torch.nn.Module, input_ids: torch.Tensor, first_scored: int, *, method: str = "chunked"
+) -> tuple[float, int]:
+    """Summed NLL (nats) and count of the tokens at positions >= first_scored of a (1, L) window.
+
+    The default computes it from the final hidden states a chunk of positions at a time, so memory
+    does not grow with L x vocabulary; method="full" takes the model's full logits (`knn_patch.loss`).
+    """
+    nll, count = causal_lm_nll(model, input_ids, first_scored, method=method)
+    return float(nll), count
 
 
 def document_nll(

@@ -35,6 +35,7 @@ from .config import KNNConfig
 from .evaluation import ensure_writable, environment, evaluate_perplexity, setting_name
 from .io import atomic_dir, atomic_write, write_json_atomic
 from .loading import load_model, load_tokenizer
+from .loss import causal_lm_nll
 from .patcher import attention_modules, patch
 from .recipe_config import ModelSection, RecipeConfig, load_recipe
 from .training_data import prepare_data
@@ -357,7 +358,10 @@ def _train(
         for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
             ids = batch["input_ids"]  # (B, block_size)
             with accelerator.accumulate(model):
-                loss = model(input_ids=ids, labels=ids).loss
+                # transformers' mean token loss, from the hidden states in chunks: the (B, block, V)
+                # logits and their gradient would outgrow the model at long blocks and large vocabularies
+                nll, count = causal_lm_nll(model, ids)
+                loss = nll / count
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and train.max_grad_norm > 0:

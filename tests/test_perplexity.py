@@ -4,7 +4,9 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from knn_patch.perplexity import document_nll, windows
+import knn_patch
+from knn_patch import loss
+from knn_patch.perplexity import document_nll, window_nll, windows
 
 
 @pytest.mark.parametrize(
@@ -62,3 +64,17 @@ def test_bad_windows_are_rejected():
             list(windows(10, 4, stride))
     with pytest.raises(ValueError, match="score_from"):
         list(windows(10, 4, 4, score_from=0))
+
+
+def test_window_nll_projects_a_chunk_at_a_time_and_equals_the_full_logits(monkeypatch):
+    monkeypatch.setattr(loss, "LOGITS_BUDGET", 128 * 4)  # 4 positions of the 128-token vocabulary
+    model = knn_patch.patch(tiny_model("gemma2"), k=4)  # softcapped logits, kNN attention
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+    rows = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: rows.append(args[0].shape[:-1].numel())
+    )
+    nll, count = window_nll(model, ids, 7)
+    assert count == 13 and max(rows) == 4
+    full, _ = window_nll(model, ids, 7, method="full")
+    assert max(rows) == 20 and nll == pytest.approx(full, rel=1e-6)  # the whole window at once

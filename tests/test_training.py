@@ -4,6 +4,7 @@ Smoke run and reload, kill and resume, two DDP processes against one, LoRA, and 
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -70,6 +71,16 @@ def test_smoke_run_writes_checkpoints_logs_and_a_model_that_reloads_patched(tmp_
         assert torch.equal(reloaded(input_ids=ids).logits, fresh(input_ids=ids).logits)
         dense = knn_patch.unpatch(fresh)(input_ids=ids).logits
     assert not torch.allclose(reloaded(input_ids=ids).logits, dense), "k=8 of 64 keys differs from dense"
+
+
+def test_bf16_autocast_trains_with_the_chunked_loss(tmp_path):
+    """The loss is computed outside the model's forward, under the same autocast: its check of the
+    output embedding against the model's own logits holds at bf16 rounding."""
+    out = tmp_path / "bf16"
+    args = ["train.mixed_precision=bf16", "train.max_steps=2", "train.grad_accum=1", "checkpoint.every=0"]
+    result = finetune(tiny(out, *args, "eval.every=0"), progress=False)
+    assert result["steps"] == 2 and sorted(losses(out)) == [1, 2]
+    assert all(math.isfinite(v) and v > 0 for v in losses(out).values())
 
 
 def test_validation_documents_are_never_trained_on(tmp_path):
