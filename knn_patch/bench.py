@@ -328,7 +328,11 @@ def write_results(rows: list[dict], out_dir: str | Path, args: dict, name: str =
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="knn-patch bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="knn-patch bench",
+        description=__doc__.splitlines()[0],
+        epilog="Whole-model generation (prefill, decode): knn-patch bench generate --help",
+    )
     p.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384], help="lengths")
     p.add_argument("--k", type=int, default=32, help="keys kept per query by the top-k kernel")
     p.add_argument("--chunk-size", type=int, default=512, help="query chunk of the top-k kernel")

@@ -1,5 +1,6 @@
 """`knn-patch` command line: `demo`, `eval` (dense against kNN perplexity), `report`, `finetune`,
-`approx` (how well the estimators approximate attention), `bench`, `faiss-bench`, `prepare`."""
+`approx` (how well the estimators approximate attention), `bench` (`bench generate`: whole-model
+generation), `faiss-bench`, `prepare`."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def eval_(args: argparse.Namespace) -> dict:
     stride = args.max_length if args.stride is None else args.stride  # 0 is an error, not "not given"
     if not 0 < stride <= args.max_length:
         raise ValueError(f"--stride must be in [1, --max-length={args.max_length}], got {stride}.")
+    if args.join_to is not None and args.join_to < 2:
+        raise ValueError(f"--join-to must be >= 2 tokens, got {args.join_to}.")
     configs = [  # bad settings fail here, before the model loads
         KNNConfig(
             k=k.strip(),
@@ -49,9 +52,15 @@ def eval_(args: argparse.Namespace) -> dict:
     ]
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of torchrun's
     model, tokenizer = load_model(args.model).to(state.device), load_tokenizer(args.model)
-    docs = load_documents(args.dataset, config=args.dataset_config, split=args.split, column=args.column)
+    docs = load_documents(
+        args.dataset,
+        config=args.dataset_config,
+        split=args.split,
+        column=args.column,
+        name_column=args.name_column,
+    )
     docs, skipped = tokenize_documents(
-        docs, tokenizer, min_tokens=args.min_tokens, max_tokens=args.max_tokens
+        docs, tokenizer, min_tokens=args.min_tokens, max_tokens=args.max_tokens, join_to=args.join_to
     )
     if args.max_docs is not None:
         docs = docs.select(range(min(args.max_docs, len(docs))))
@@ -129,10 +138,15 @@ def approx(args: argparse.Namespace) -> dict:
 
 
 def prepare(_: argparse.Namespace) -> None:
-    """Fetch and convert the embedded model and corpus, and build the compiled selection, once."""
-    load_default()
+    """Fetch and convert the embedded models and corpus, and build the compiled selection, once."""
+    from .loading import EMBEDDED_MODELS, embedded_model_dir
+
+    folders = [embedded_model_dir(name) for name in EMBEDDED_MODELS]
     compiled = "built" if extension_available() else "NOT built (torch.topk fallback)"
-    print(f"model ready; corpus at {bundled_corpus_dir()}; compiled top-k selection {compiled}")
+    print(
+        f"models {', '.join(EMBEDDED_MODELS)} ready in {folders[0].parent}; "
+        f"corpus at {bundled_corpus_dir()}; compiled top-k selection {compiled}"
+    )
 
 
 def _json_object(text: str) -> dict:
@@ -150,14 +164,33 @@ def _eval_arguments(
     p: argparse.ArgumentParser, *, max_docs: int | None, min_tokens: int, max_tokens: int | None, out: str
 ) -> None:
     p.add_argument(
-        "--model", default="default", help="'default' (embedded SmolLM2), a local folder or a hub id"
+        "--model",
+        default="default",
+        help="'default' (embedded SmolLM2-135M), 'gemma3-270m' (embedded, 32k positions), a local "
+        "folder, a .gguf file or a hub id",
     )
     p.add_argument(
-        "--dataset", default="bundled", help="'bundled', a .txt file or folder, a .jsonl, or a hub name"
+        "--dataset",
+        default="bundled",
+        help="'bundled', a .txt file or folder, a .jsonl or .parquet file, 'pg19' (deepmind/pg19) or any "
+        "hub dataset name",
     )
     p.add_argument("--dataset-config", default=None, help="hub dataset config, e.g. wikitext-103-raw-v1")
     p.add_argument("--split", default="test")
-    p.add_argument("--column", default="text", help="text column of a .jsonl or hub dataset")
+    p.add_argument("--column", default="text", help="text column of a .jsonl, .parquet or hub dataset")
+    p.add_argument(
+        "--name-column",
+        default=None,
+        help="column naming each document (default: the row index; short_book_title for pg19)",
+    )
+    p.add_argument(
+        "--join-to",
+        type=int,
+        default=None,
+        metavar="N",
+        help="join consecutive documents (in order) into documents of >= N tokens, before --max-tokens "
+        "cuts them; each name lists its parts and their token spans",
+    )
     p.add_argument(
         "--max-docs", type=int, default=max_docs, help="the first N documents that pass --min-tokens"
     )
@@ -220,6 +253,11 @@ def run() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "generate"]:  # `knn-patch bench generate --help`
+        from .bench_generate import main as generate_main
+
+        generate_main(argv[2:])
+        return None
     if argv[:1] == ["bench"]:  # its options are its own: `knn-patch bench --help`
         from .bench import main as bench_main
 
@@ -247,7 +285,11 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=approx)
     p = sub.add_parser("prepare", help=prepare.__doc__)
     p.set_defaults(func=prepare)
-    sub.add_parser("bench", help="attention kernel speed and memory against SDPA and eager")
+    sub.add_parser(
+        "bench",
+        help="attention kernel speed and memory against SDPA and eager; `bench generate`: whole-model "
+        "prefill and decode speed and memory, dense against faiss and topk",
+    )
     sub.add_parser("faiss-bench", help="faiss backend: full-sequence growth, KNNCache decode, recall")
     args = parser.parse_args(argv)
     args.func(args)

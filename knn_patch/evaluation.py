@@ -7,12 +7,14 @@ totals are token-weighted over the whole corpus.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import platform
+import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch
 import transformers
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from evaluate import saving as evaluate_saving
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -35,8 +38,57 @@ from .perplexity import window_nll, windows
 DENSE = "dense"
 
 
+def _layers_label(layers: Sequence[int] | str) -> str:
+    """A layer rule such as "global" as is; layer indices as ranges, "0-3,7", so that a long list
+    stays short."""
+    if isinstance(layers, str):
+        return layers
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _label(config: Mapping[str, Any], with_k: bool = True) -> str:
+    """`setting_name` of a config's saved form (`KNNConfig.to_dict`); without k it names a curve."""
+    parts = [config["backend"], f"k={config['k']}" if with_k else ""]
+    parts += [f"sinks={config['sink_tokens']}" if config.get("sink_tokens") else ""]
+    parts += [f"window={config['local_window']}" if config.get("local_window") else ""]
+    if config.get("layers") is not None:
+        parts.append(f"layers={_layers_label(config['layers'])}")
+    parts += [f"{key}={value}" for key, value in sorted((config.get("backend_options") or {}).items())]
+    return " ".join(p for p in parts if p)
+
+
 def setting_name(config: KNNConfig | None) -> str:
-    return DENSE if config is None else f"{config.backend} k={config.k}"
+    """The setting's name in tables and results: everything that changes what a query attends to
+    (backend, k, sinks, window, layers when not all, backend options), so that distinct configs get
+    distinct names. Zero sinks or window are left out: "topk k=32 sinks=4 window=64 layers=global"."""
+    return DENSE if config is None else _label(config.to_dict())
+
+
+def keys_read(config: KNNConfig | None, n: int) -> int:
+    """Keys one query reads when it may see `n`: all n (dense), else its sinks, local window and k
+    nearest, plus `tail`'s m sampled keys; at most n. The keys' share is the attention budget that
+    settings are compared at (k = 32 with 4 sinks and a 64-key window reads 100 keys, 1.2% at 8k)."""
+    if config is None:
+        return n
+    return _keys_read(config.to_dict(), config.resolve_k(n), n)
+
+
+def _keys_read(config: Mapping[str, Any], k: int, n: int) -> int:
+    """`keys_read` from a config's saved form and its k resolved at n."""
+    from .backends.tail import DEFAULTS as TAIL_DEFAULTS  # late: importing a backend registers it
+
+    sampled = (
+        (config.get("backend_options") or {}).get("m", TAIL_DEFAULTS["m"])
+        if config["backend"] == "tail"
+        else 0
+    )
+    return min(n, config.get("sink_tokens", 0) + config.get("local_window", 0) + k + sampled)
 
 
 MODES = ("sliding", "decode")
@@ -55,9 +107,10 @@ def prefill(
     model: torch.nn.Module, window: torch.Tensor, first: int, config: KNNConfig | None
 ) -> tuple[torch.Tensor, Any]:
     """Run the prefix [0, first) of a (1, L) window with `config` (None: dense); returns the logits
-    predicting token `first` and the KV cache."""
+    predicting token `first` and the KV cache. Only that position is projected onto the vocabulary:
+    the prefix's full logits would cost first x V floats."""
     _use(model, config)
-    out = model(input_ids=window[:, :first], use_cache=True)
+    out = model(input_ids=window[:, :first], use_cache=True, logits_to_keep=1)
     return out.logits[0, -1], out.cache
 
 
@@ -73,13 +126,12 @@ def decode_nll(
     """NLL of the tokens at positions >= first of a (1, L) window, as generation sees them: each token
     goes through the prefilled `cache` alone (one query against the whole cache) with `config`."""
     _use(model, config)
-    step_logits = [logits]
+    # each step's logits are scored at once, not stacked: (L - first) x V floats would grow with L
+    nll = torch.nn.functional.cross_entropy(logits.float(), window[0, first])
     for t in range(first, window.shape[1] - 1):
         out = model(input_ids=window[:, t : t + 1], cache=cache, use_cache=True)
-        step_logits.append(out.logits[0, -1])
-    targets = window[0, first:]
-    nll = torch.nn.functional.cross_entropy(torch.stack(step_logits).float(), targets, reduction="sum")
-    return float(nll), int(targets.numel())
+        nll += torch.nn.functional.cross_entropy(out.logits[0, -1].float(), window[0, t + 1])
+    return float(nll), window.shape[1] - first
 
 
 def evaluate_perplexity(
@@ -230,13 +282,19 @@ def _result(
         }
     for name in seconds:
         totals[name]["ratio_to_dense"] = totals[name]["perplexity"] / totals[DENSE]["perplexity"]
+    n = settings["max_length"]
     return {
-        "settings": [{"name": DENSE, "config": None}]
+        "settings": [
+            {"name": DENSE, "config": None, "keys_read_at_max_length": n, "keys_percent_at_max_length": 100.0}
+        ]
         + [
             {
                 "name": setting_name(c),
                 "config": c.to_dict(),
-                "k_at_max_length": c.resolve_k(settings["max_length"]),
+                "k_at_max_length": c.resolve_k(n),
+                # everything a query reads (sinks, window, k nearest, samples): the attention budget
+                "keys_read_at_max_length": keys_read(c, n),
+                "keys_percent_at_max_length": 100 * keys_read(c, n) / n,
             }
             for c in configs
         ],
@@ -261,10 +319,31 @@ def ensure_writable(out_dir: str | Path) -> Path:
     return out
 
 
+def git_commit() -> dict[str, Any] | None:
+    """{"commit", "dirty"} of the knn_patch checkout that produced a result, or None when knn_patch
+    is not run from its own checkout (an installed package, even inside another repository) or git is
+    missing. Silent: git's "fatal: not a git repository" is not for the user to see."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, timeout=30)
+
+    try:
+        found = git("rev-parse", "--show-toplevel", "HEAD")
+        lines = found.stdout.splitlines()
+        if found.returncode or len(lines) != 2 or Path(lines[0]) != package.parent:
+            return None
+        dirty = git("diff", "--quiet", "HEAD", "--").returncode != 0  # tracked files changed
+    except (OSError, subprocess.SubprocessError):  # no git executable, or it hung
+        return None
+    return {"commit": lines[1], "dirty": dirty}
+
+
 def environment() -> dict[str, Any]:
-    """Versions and machine facts recorded with every result."""
+    """Versions, code commit and machine facts recorded with every result; collected silently."""
     return {
         "knn_patch": __version__,
+        "git": git_commit(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -275,65 +354,98 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _keys_columns(setting: dict[str, Any], n: int) -> tuple[str, str]:
+    """Keys read and their % of `n`; results saved before keys were recorded get them from the config."""
+    keys = setting.get("keys_read_at_max_length")
+    if keys is None:
+        config, k = setting["config"], setting.get("k_at_max_length")
+        keys = n if config is None else _keys_read(config, k, n)
+    return str(keys), f"{100 * keys / n:.1f}"
+
+
 def print_report(result: dict[str, Any], title: str, console: Console | None = None) -> None:
-    """The rich table: setting, backend, k (and % of the window), perplexity, ratio to dense (× dense),
-    tokens, seconds."""
+    """The rich table: setting, k, keys read per query at max_length (and their %), perplexity,
+    ratio to dense (× dense), tokens, seconds."""
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
-    table.add_column("setting", no_wrap=True)  # 80 columns hold the table: nothing wraps
-    table.add_column("backend", no_wrap=True)
-    for col in ("k", "keys %", "perplexity", "× dense", "tokens", "seconds"):
+    table.add_column("setting", no_wrap=True)  # the name carries the backend and every option
+    for col in ("k", "keys", "keys %", "perplexity", "× dense", "tokens", "seconds"):
         table.add_column(col, justify="right", no_wrap=True)
     for setting in result["settings"]:
         total = result["totals"][setting["name"]]
         k = setting.get("k_at_max_length")
-        config = setting["config"] or {}
         table.add_row(
             setting["name"],
-            config.get("backend", "dense"),
             "all" if k is None else str(k),
-            "100" if k is None else f"{100 * min(k, result['max_length']) / result['max_length']:.1f}",
+            *_keys_columns(setting, result["max_length"]),
             f"{total['perplexity']:.3f}",
             f"{total['ratio_to_dense']:.3f}x",
             str(total["tokens"]),
             f"{total['seconds']:.1f}",
         )
-    (console or Console()).print(table)
+    # wide enough for long setting names: a narrow terminal would crop them
+    (console or Console(width=max(Console().width, 160))).print(table)
+
+
+@contextlib.contextmanager
+def _evaluate_commit(commit: str | None) -> Iterator[None]:
+    """Make `evaluate.save` record `commit` instead of asking git itself: it asks about the working
+    directory, so outside a checkout git prints "fatal: not a git repository" on our stderr, and
+    without git it raises (huggingface/evaluate#808)."""
+    missing = object()
+    saved = getattr(evaluate_saving, "_git_commit_hash", missing)
+    evaluate_saving._git_commit_hash = lambda: commit
+    try:
+        yield
+    finally:
+        if saved is missing:
+            del evaluate_saving._git_commit_hash
+        else:
+            evaluate_saving._git_commit_hash = saved
 
 
 def write_report(result: dict[str, Any], out_dir: str | Path, name: str = "perplexity") -> dict[str, Path]:
-    """`<name>.json` and `<name>.png` (ratio to dense against k, log-x, one line per backend), atomically,
-    and a timestamped `evaluate.save` record of the totals under `evaluate/`, one per run."""
+    """`<name>.json` and `<name>.png` (ratio to dense against the keys a query reads, log-x, one line
+    per setting apart from k), atomically, and a timestamped `evaluate.save` record of the totals
+    under `evaluate/`, one per run, whose commit is knn_patch's (`git_commit`)."""
     out = Path(out_dir)
     paths = {"json": write_json_atomic(out / f"{name}.json", result), "png": out / f"{name}.png"}
     totals = result["totals"]
-    paths["evaluate"] = Path(
-        evaluate.save(
-            out / "evaluate",
-            perplexity={setting: t["perplexity"] for setting, t in totals.items()},
-            ratio_to_dense={setting: t["ratio_to_dense"] for setting, t in totals.items()},
-            tokens=totals[DENSE]["tokens"],
-            documents=len(result["documents"]),
-            settings=result["settings"],
-            **{key: result[key] for key in ("mode", "max_length", "stride", "dense_prefill", "score_from")},
+    git = git_commit()
+    with _evaluate_commit(git and git["commit"]):
+        paths["evaluate"] = Path(
+            evaluate.save(
+                out / "evaluate",
+                perplexity={setting: t["perplexity"] for setting, t in totals.items()},
+                ratio_to_dense={setting: t["ratio_to_dense"] for setting, t in totals.items()},
+                tokens=totals[DENSE]["tokens"],
+                documents=len(result["documents"]),
+                settings=result["settings"],
+                **{
+                    key: result[key]
+                    for key in ("mode", "max_length", "stride", "dense_prefill", "score_from")
+                },
+            )
         )
-    )
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    backends = sorted({s["config"]["backend"] for s in result["settings"] if s["config"]})
-    for backend in backends:
-        points = sorted(
-            (s["k_at_max_length"], result["totals"][s["name"]]["ratio_to_dense"])
-            for s in result["settings"]
-            if s["config"] and s["config"]["backend"] == backend
-        )
-        ax.plot([k for k, _ in points], [r for _, r in points], "o-", label=backend)
+    n = result["max_length"]
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for s in result["settings"]:
+        if s["config"]:
+            keys = int(_keys_columns(s, n)[0])
+            curves.setdefault(_label(s["config"], with_k=False), []).append(
+                (keys, totals[s["name"]]["ratio_to_dense"])
+            )
+    for label, points in sorted(curves.items()):
+        points.sort()
+        ax.plot([k for k, _ in points], [r for _, r in points], "o-", label=label)
     ax.axhline(1.0, color="gray", linestyle="--", label="dense")
     ax.set_xscale("log")
-    ax.set_xlabel(f"keys per query k (max_length {result['max_length']})")
+    ax.set_xlabel(f"keys read per query (sinks + window + k; max_length {n})")
     ax.set_ylabel("perplexity / dense")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

@@ -1,9 +1,11 @@
 """`knn-patch demo` and `knn-patch eval` end to end on the embedded model and bundled corpus."""
 
 import json
+import os
 import subprocess
 import sys
 
+import datasets
 import pytest
 
 from knn_patch.cli import main
@@ -49,6 +51,7 @@ def test_unwritable_output_fails_before_any_work(tmp_path):
         (["--stride", "-4"], r"--stride .* got -4"),
         (["--max-length", "64", "--stride", "65"], r"--stride must be in \[1, --max-length=64\], got 65"),
         (["--max-length", "0"], r"--max-length must be >= 1, got 0"),
+        (["--join-to", "1"], r"--join-to must be >= 2 tokens, got 1"),
     ],
 )
 def test_bad_windows_fail_before_the_model_loads(tmp_path, args, match, monkeypatch):
@@ -88,3 +91,40 @@ def test_the_command_reports_bad_input_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("knn-patch: error: Output folder")
+
+
+def test_eval_from_outside_a_checkout_joins_speeches_and_names_settings_fully(tmp_path):
+    """As a user runs it, from a folder that is no git checkout: nothing from git on stderr, the joined
+    document lists its parts and their token spans, the setting names its sinks and window, and the
+    keys a query reads count them."""
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "knn_patch.cli", "eval", "--max-docs", "1", "--join-to", "2000",
+         "--max-tokens", "2000", "--max-length", "256", "--k", "4", "--sink-tokens", "2",
+         "--local-window", "8", "--out", "out"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "fatal" not in run.stderr and "not a git repository" not in run.stderr, run.stderr
+    result = json.loads((tmp_path / "out" / "perplexity.json").read_text())
+    (document,) = result["documents"]
+    assert document["name"] == "1790-Washington-1.txt[0:1275] + 1790-Washington-2.txt[1276:2000]"
+    assert document["tokens"] == 2000 - 8 and result["args"]["join_to"] == 2000  # 8 windows: 8 unscored
+    assert [s["name"] for s in result["settings"]] == ["dense", "topk k=4 sinks=2 window=8"]
+    assert result["settings"][1]["keys_read_at_max_length"] == 2 + 8 + 4
+    assert "topk k=4 sinks=2 window=8" in run.stdout and f"{100 * 14 / 256:.1f}" in run.stdout
+
+
+def test_eval_on_a_parquet_file_shaped_like_pg19(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))  # a throwaway
+    path = tmp_path / "pg19.parquet"
+    story = "It was a dark and stormy night; the rain fell in torrents. " * 8
+    rows = {"short_book_title": ["A Night", "Two Nights"], "publication_date": [1900, 1901]}
+    rows.update(
+        url=["http://www.gutenberg.org/ebooks/1", "http://www.gutenberg.org/ebooks/2"], text=[story] * 2
+    )
+    datasets.Dataset.from_dict(rows).to_parquet(str(path))
+    main(["eval", "--dataset", str(path), "--name-column", "short_book_title", "--max-length", "64",
+          "--k", "4", "--out", str(tmp_path / "out")])  # fmt: skip
+    result = json.loads((tmp_path / "out" / "perplexity.json").read_text())
+    assert [d["name"] for d in result["documents"]] == ["A Night", "Two Nights"]

@@ -10,7 +10,14 @@ from tiny_models import tiny_model
 
 import knn_patch
 from knn_patch import KNNConfig
-from knn_patch.evaluation import evaluate_perplexity, print_report, write_report
+from knn_patch.evaluation import (
+    environment,
+    evaluate_perplexity,
+    keys_read,
+    print_report,
+    setting_name,
+    write_report,
+)
 from knn_patch.perplexity import document_nll, windows
 
 
@@ -162,3 +169,91 @@ def test_resume_from_a_partial_result(docs):
         evaluate_perplexity(model, docs, [KNNConfig(k=3)], resume_from=seen[0], **args)
     with pytest.raises(ValueError, match="document 0"):
         evaluate_perplexity(model, docs[::-1], [KNNConfig(k=2)], resume_from=seen[0], **args)
+
+
+def test_setting_names_show_everything_that_changes_attention():
+    assert setting_name(None) == "dense"
+    assert setting_name(KNNConfig(k=32)) == "topk k=32"
+    assert setting_name(KNNConfig(k=32, sink_tokens=4, local_window=64)) == "topk k=32 sinks=4 window=64"
+    assert setting_name(KNNConfig(k="sqrt", layers=[5, 0, 1, 2])) == "topk k=sqrt layers=0-2,5"
+    assert setting_name(KNNConfig(k=32, layers="global")) == "topk k=32 layers=global"
+    faiss = KNNConfig(k=32, backend="faiss", sink_tokens=4, backend_options={"index": "hnsw"})
+    assert setting_name(faiss) == "faiss k=32 sinks=4 index=hnsw"
+    distinct = [
+        KNNConfig(k=32),
+        KNNConfig(k=32, sink_tokens=4),
+        KNNConfig(k=32, local_window=4),
+        KNNConfig(k=32, layers=[0]),
+        KNNConfig(k=32, layers=[0, 1]),
+        KNNConfig(k=32, layers="global"),
+        KNNConfig(k=32, backend="faiss"),
+        KNNConfig(k=32, backend="faiss", backend_options={"index": "hnsw"}),
+        KNNConfig(k=32, backend="tail", backend_options={"m": 8}),
+    ]
+    assert len({setting_name(c) for c in distinct}) == len(distinct)
+
+
+def test_keys_read_counts_sinks_window_k_and_samples():
+    config = KNNConfig(k=32, sink_tokens=4, local_window=64)
+    assert keys_read(config, 8192) == 100 and 100 * keys_read(config, 8192) / 8192 == pytest.approx(
+        1.22, abs=0.01
+    )
+    assert keys_read(config, 50) == 50, "never more than the keys there are"
+    assert keys_read(None, 8192) == 8192
+    assert keys_read(KNNConfig(k="sqrt", sink_tokens=4), 1024) == 32 + 4
+    assert keys_read(KNNConfig(k=16, backend="tail", backend_options={"m": 8}), 1024) == 24
+    assert keys_read(KNNConfig(k=16, backend="tail"), 1024) == 16 + 32  # the default m
+
+
+def test_the_report_counts_every_key_a_query_reads(docs, tmp_path):
+    model = tiny_model("llama")
+    config = KNNConfig(k=2, sink_tokens=1, local_window=2)
+    result = evaluate_perplexity(model, docs, [config], max_length=16, stride=16, progress=False)
+    dense, knn = result["settings"]
+    assert knn["name"] == "topk k=2 sinks=1 window=2" and knn["k_at_max_length"] == 2
+    assert knn["keys_read_at_max_length"] == 5 and knn["keys_percent_at_max_length"] == 100 * 5 / 16
+    assert dense["keys_read_at_max_length"] == 16 and dense["keys_percent_at_max_length"] == 100
+    console = Console(record=True, width=140)
+    print_report(result, "tiny", console=console)
+    row = next(line for line in console.export_text().splitlines() if line.strip().startswith("topk"))
+    assert row.split()[4:7] == ["2", "5", "31.2"]  # k, keys, keys %
+    saved = json.loads(write_report(result, tmp_path)["json"].read_text())
+    assert saved["settings"][1]["keys_read_at_max_length"] == 5
+    del saved["settings"][1]["keys_read_at_max_length"]  # a result saved before keys were recorded
+    console = Console(record=True, width=140)
+    print_report(saved, "old", console=console)
+    assert "31.2" in console.export_text()
+
+
+def _not_a_checkout(tmp_path, monkeypatch):
+    """Work from tmp_path, where git finds no repository (it stops looking above tmp_path)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+
+
+def test_environment_and_report_are_silent_outside_a_git_checkout(docs, tmp_path, monkeypatch, capfd):
+    result = evaluate_perplexity(
+        tiny_model("llama"), docs, [KNNConfig(k=2)], max_length=16, stride=16, progress=False
+    )
+    _not_a_checkout(tmp_path, monkeypatch)
+    capfd.readouterr()
+    env = environment()
+    paths = write_report(result, tmp_path / "out")
+    err = capfd.readouterr().err  # file descriptor 2: what git's child processes print too
+    assert "fatal" not in err and "git" not in err, err
+    record = json.loads(paths["evaluate"].read_text())
+    assert record["_git_commit_hash"] == (env["git"] and env["git"]["commit"]), (
+        "knn_patch's commit, not the cwd's"
+    )
+
+
+def test_no_git_executable_is_no_error(docs, tmp_path, monkeypatch, capfd):
+    result = evaluate_perplexity(
+        tiny_model("llama"), docs, [KNNConfig(k=2)], max_length=16, stride=16, progress=False
+    )
+    _not_a_checkout(tmp_path, monkeypatch)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git there
+    assert environment()["git"] is None
+    paths = write_report(result, tmp_path / "out")  # evaluate.save alone would raise FileNotFoundError
+    assert json.loads(paths["evaluate"].read_text())["_git_commit_hash"] is None
+    assert capfd.readouterr().err == ""
