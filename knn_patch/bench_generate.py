@@ -355,26 +355,20 @@ _SAME_FOR_RESUME = (
 )  # fmt: skip
 
 
-def _layers(text: str) -> tuple[int, ...] | str:
-    """`--layers`: comma-separated indices, or a rule KNNConfig knows ("all", "global")."""
-    parts = [p.strip() for p in text.split(",")]
-    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else text.strip()
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from .cli import _json_object
+    from .cli import _json_object, _layers
     from .evaluation import ensure_writable, environment
     from .loading import load_tokenizer
 
     p = argparse.ArgumentParser(prog="knn-patch bench generate", description=__doc__.splitlines()[0])
     p.add_argument(
-        "--model", default="default", help="'default' (embedded SmolLM2), a local folder or a hub id"
+        "--model",
+        default="default",
+        help="'default' (embedded SmolLM2), 'gemma3-270m', a local folder, a .gguf file or a hub id",
     )
     p.add_argument("--tokens", type=int, default=8192, help="prompt tokens prefilled")
     p.add_argument("--decode-steps", type=int, default=128, help="greedy one-token steps after the prefill")
-    p.add_argument(
-        "--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}"
-    )
+    p.add_argument("--methods", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
     p.add_argument("--k", default="32", help="keys per query of the kNN settings: an int or a rule of n")
     p.add_argument("--sink-tokens", type=int, default=4, help="first keys always kept (kNN settings)")
     p.add_argument("--local-window", type=int, default=64, help="last keys always kept (kNN settings)")
@@ -411,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # bad input fails here, before any model loads or text is tokenized
     if args.tokens < 2 or args.decode_steps < 1:
         p.error(f"--tokens must be >= 2 and --decode-steps >= 1, got {args.tokens} and {args.decode_steps}")
-    names = [s.strip() for s in args.settings.split(",") if s.strip()]
+    names = [s.strip() for s in args.methods.split(",") if s.strip()]
     options = dict(
         k=args.k.strip(),
         sink_tokens=args.sink_tokens,

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import PartialState
 
 from .assets import bundled_corpus_dir
@@ -39,17 +40,7 @@ def eval_(args: argparse.Namespace) -> dict:
         raise ValueError(f"--stride must be in [1, --max-length={args.max_length}], got {stride}.")
     if args.join_to is not None and args.join_to < 2:
         raise ValueError(f"--join-to must be >= 2 tokens, got {args.join_to}.")
-    configs = [  # bad settings fail here, before the model loads
-        KNNConfig(
-            k=k.strip(),
-            backend=args.backend,
-            sink_tokens=args.sink_tokens,
-            local_window=args.local_window,
-            chunk_size=args.chunk_size,
-            backend_options=args.backend_options,
-        )
-        for k in args.k.split(",")
-    ]
+    configs = _settings(args)  # bad settings fail here, before the model loads
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of torchrun's
     model, tokenizer = load_model(args.model).to(state.device), load_tokenizer(args.model)
     docs = load_documents(
@@ -160,6 +151,47 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _layers(text: str) -> tuple[int, ...] | str:
+    """`--layers`: comma-separated indices, or a rule KNNConfig knows ("all", "global")."""
+    parts = [p.strip() for p in text.split(",")]
+    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else text.strip()
+
+
+def _settings(args: argparse.Namespace) -> list[KNNConfig]:
+    """The kNN settings of an eval: one per `--k` value, or the entries of a `--settings` file, each
+    validated (unknown keys and bad values name the entry) before anything loads."""
+    if args.settings is None:
+        return [
+            KNNConfig(
+                k=k.strip(),
+                backend=args.backend,
+                layers=args.layers,
+                sink_tokens=args.sink_tokens,
+                local_window=args.local_window,
+                chunk_size=args.chunk_size,
+                backend_options=args.backend_options,
+            )
+            for k in args.k.split(",")
+        ]
+    path = Path(args.settings)
+    try:
+        entries = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"--settings {str(path)!r} cannot be read as YAML: {err}") from err
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(
+            f"--settings {str(path)!r} must hold a non-empty YAML list of KNNConfig fields, e.g. "
+            "'- {k: 32, sink_tokens: 4, local_window: 64}'."
+        )
+    configs = []
+    for i, entry in enumerate(entries):
+        try:
+            configs.append(KNNConfig.from_dict({"chunk_size": args.chunk_size, **entry}))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--settings {str(path)!r}, entry {i}: {err}") from err
+    return configs
+
+
 def _eval_arguments(
     p: argparse.ArgumentParser, *, max_docs: int | None, min_tokens: int, max_tokens: int | None, out: str
 ) -> None:
@@ -223,6 +255,20 @@ def _eval_arguments(
     )
     p.add_argument("--sink-tokens", type=int, default=0)
     p.add_argument("--local-window", type=int, default=0)
+    p.add_argument(
+        "--layers",
+        type=_layers,
+        default="all",
+        help="kNN layers: 'all', 'global' (the full-attention layers of a hybrid model) or indices",
+    )
+    p.add_argument(
+        "--settings",
+        default=None,
+        metavar="YAML",
+        help="a YAML list of KNNConfig fields, one kNN setting each, all run beside dense on the same "
+        "windows (e.g. evals/configs/long_context.yaml); replaces --k, --backend, --backend-options, "
+        "--sink-tokens, --local-window and --layers",
+    )
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument(
         "--resume", action="store_true", help="continue a stopped run from OUT/perplexity.partial.json"

@@ -80,13 +80,13 @@ def test_command_writes_results_and_resumes(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["bench", "generate", "--model", model_dir, "--dataset", str(text), "--tokens", "64",
             "--decode-steps", "3", "--k", "8", "--in-process", "--out", str(out)]  # fmt: skip
-    main([*args, "--settings", "dense"])
+    main([*args, "--methods", "dense"])
     first = json.loads((out / "generate.json").read_text())
     assert first["prompt"] == "prompt.txt" and first["prompt_tokens"] == 64
     assert first["args"]["sink_tokens"] == 4 and first["args"]["local_window"] == 64  # the defaults
     assert not (out / "generate.partial.json").exists()
     (out / "generate.json").rename(out / "generate.partial.json")  # as if stopped after dense
-    main([*args, "--settings", "dense,topk", "--resume"])
+    main([*args, "--methods", "dense,topk", "--resume"])
     resumed = json.loads((out / "generate.json").read_text())
     assert list(resumed["settings"]) == ["dense", "topk"]
     assert resumed["settings"]["dense"]["prefill_s"] == first["settings"]["dense"]["prefill_s"], "not rerun"
@@ -100,7 +100,7 @@ def test_command_writes_results_and_resumes(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "error"),
     [
-        (["--settings", "dense,sdpa"], "Unknown setting 'sdpa'"),
+        (["--methods", "dense,sdpa"], "Unknown setting 'sdpa'"),
         (["--k", "0"], "KNNConfig.k"),
         (["--backend-options", '{"nprobe": 0}'], "nprobe"),
     ],

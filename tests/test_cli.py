@@ -128,3 +128,39 @@ def test_eval_on_a_parquet_file_shaped_like_pg19(tmp_path, monkeypatch):
           "--k", "4", "--out", str(tmp_path / "out")])  # fmt: skip
     result = json.loads((tmp_path / "out" / "perplexity.json").read_text())
     assert [d["name"] for d in result["documents"]] == ["A Night", "Two Nights"]
+
+
+def test_every_settings_file_in_the_repo_parses(tmp_path):
+    import argparse
+    from pathlib import Path
+
+    from knn_patch.cli import _eval_arguments, _settings
+
+    parser = argparse.ArgumentParser()
+    _eval_arguments(parser, max_docs=None, min_tokens=2, max_tokens=None, out=str(tmp_path))
+    files = sorted((Path(__file__).parents[1] / "evals" / "configs").glob("*.yaml"))
+    assert files
+    for path in files:
+        configs = _settings(parser.parse_args(["--settings", str(path)]))
+        assert len({(c.backend, c.k, c.layers, c.sink_tokens, c.local_window) for c in configs}) == len(
+            configs
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("- {k: 0}\n", r"entry 0: KNNConfig.k"),
+        ("- {k: 8}\n- {kk: 8}\n", r"entry 1: Unknown KNNConfig keys \['kk'\]"),
+        ("k: 8\n", "non-empty YAML list"),
+        ("- [unclosed\n", "cannot be read as YAML"),
+    ],
+)
+def test_a_bad_settings_file_fails_before_the_model_loads(tmp_path, monkeypatch, text, match):
+    import knn_patch.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    path = tmp_path / "settings.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        main(["eval", "--settings", str(path), "--out", str(tmp_path)])
