@@ -49,7 +49,8 @@ def faiss_attention_forward(
     if options["index"] != "flat" and not knn_config.sink_tokens:
         logger.warning_once(
             "knn_patch: faiss ivf/hnsw without sink_tokens can lose far more quality than exact top-k "
-            "(the first keys, attention sinks, are often missed): set sink_tokens (README, faiss backend)."
+            "(the first keys, attention sinks, are often missed): set sink_tokens "
+            "(docs/benchmarks.md, faiss backend)."
         )
     out, _ = retrieval_attention(
         query,

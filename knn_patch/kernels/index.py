@@ -75,7 +75,7 @@ GROUPED_MIN_QUERIES = 8
 SCAN_PER_RESULT = 64
 
 # Default options: scan_fraction/ef_search chosen for recall@k >= 0.9 on SmolLM2 activations (see
-# tests and README).
+# tests and docs/benchmarks.md).
 DEFAULTS: dict[str, Any] = {
     "index": "ivf",
     "nlist": None,  # None: ceil(sqrt(n)), n the keys of the call (or of the prompt, for KNNCache)
@@ -87,7 +87,7 @@ DEFAULTS: dict[str, Any] = {
     # newest keys exactly (where most misses were) and make fewer searches and adds. Against 512,
     # on SmolLM2's layer-3 activations: recall@32 0.934 / 0.945 instead of 0.901 / 0.927 at 32k /
     # 64k, 3-5% faster from 16k on, 5% slower at 4k (`knn-patch faiss-bench growth --block-size`,
-    # README)
+    # docs/benchmarks.md)
     "block_size": 768,
     "sync_every": 64,  # keys join an index in batches; the newest (< sync_every) are scored exactly
     "retrain_growth": 1.25,  # an IVF retrains when its keys have grown this many times; None: never

@@ -198,6 +198,6 @@ def ivf_topk(
     the queries probing it. `lists` holds the (nlist,) int64 tables of each list's vector pointer,
     id pointer and size (`KeyIndex`). With `amx` (and `amx_available()`) the lists are scored on
     AMX tiles in bf16x3, within ~1e-5 * |q| |k| of fp32 (see select.cpp): the same keys but for
-    near-ties, in a fraction of the fp32 GEMMs' time (README, "Searching many queries at once").
+    near-ties, in a fraction of the fp32 GEMMs' time (docs/benchmarks.md, "Searching many queries at once").
     Compiled only: callers check `extension_available()` first and otherwise use faiss's own search."""
     return extension().ivf_topk(query.contiguous(), centroids, *lists, k, nprobe, max_codes, amx)
