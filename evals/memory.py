@@ -25,11 +25,6 @@ from pathlib import Path
 METHODS = ("full", "chunked")
 
 
-def _status_bytes(field: str) -> int:
-    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def worker(
     model_name: str, tokens: int, method: str, k: str | None, dtype: str, device: str, seed: int
 ) -> dict:
@@ -37,6 +32,7 @@ def worker(
     import torch
 
     import knn_patch
+    from knn_patch.peak_memory import reset_peak_rss, status_bytes
     from knn_patch.perplexity import window_nll
 
     model = knn_patch.load_model(model_name, dtype=getattr(torch, dtype)).to(device).eval()
@@ -44,18 +40,18 @@ def worker(
         knn_patch.patch(model, k=int(k) if k.isdigit() else k)
     vocab = model.get_output_embeddings().weight.shape[0]
     ids = torch.randint(3, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed)).to(device)
-    load_peak = _status_bytes("VmHWM")
+    load_peak = status_bytes("VmHWM")
     # a short warm-up pages in memory-mapped weights and initialises kernels, so they do not count as
     # the evaluation's; then VmHWM <- current RSS: the load's peak is not counted either
     window_nll(model, ids[:, :16], 1, method=method)
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_bytes("VmRSS")
+    reset_peak_rss()
+    before = status_bytes("VmRSS")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     nll, count = window_nll(model, ids, 1, method=method)
     seconds = time.perf_counter() - start
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     return {
         "tokens": tokens,
         "method": method,

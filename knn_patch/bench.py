@@ -41,6 +41,7 @@ from knn_patch.io import atomic_write, write_json_atomic
 from knn_patch.kernels.gumbel import gumbel_attention
 from knn_patch.kernels.tail import tail_attention
 from knn_patch.kernels.topk import topk_attention
+from knn_patch.peak_memory import reset_peak_rss, status_bytes
 
 METHODS = ("topk", "sdpa", "eager", "tail", "gumbel")
 RATIOS = ("topk/sdpa", "topk/eager", "tail/topk", "gumbel/topk")
@@ -127,20 +128,15 @@ def _timed(step: Callable[[], object], device: str, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-def _status_kib(field: str) -> int:
-    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
-    return int(line.split()[1])
-
-
 def _cpu_peak_child(name: str, n: int, cfg: dict) -> int:
     """Runs in a fresh process: RSS high-water mark of one forward+backward above its inputs, in bytes."""
     fn = _method(name, cfg)
     _fwd_bwd(fn, _inputs(name, 128, cfg, "cpu"))  # one-time lazy init, not counted
     x = _inputs(name, n, cfg, "cpu")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    base = _status_kib("VmRSS")
+    reset_peak_rss()
+    base = status_bytes("VmRSS")
     _fwd_bwd(fn, x)
-    return (_status_kib("VmHWM") - base) * 1024
+    return status_bytes("VmHWM") - base
 
 
 def _peak(name: str, n: int, cfg: dict, device: str) -> int:

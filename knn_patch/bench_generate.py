@@ -42,6 +42,7 @@ from .cache import KNNCache
 from .config import KNNConfig
 from .evaluation import setting_name
 from .io import atomic_write, write_json_atomic
+from .peak_memory import reset_peak_rss, status_bytes
 
 SETTINGS = ("dense", "faiss", "topk")
 DENSE = "dense"
@@ -128,24 +129,11 @@ def generate(
     return {"prefill_s": prefill, "decode_s": decode, "tokens": torch.cat(tokens, 1)[0].tolist()}
 
 
-def _status_bytes(field: str) -> int | None:
-    """A memory line of /proc/self/status (Linux), in bytes; None elsewhere."""
-    status = Path("/proc/self/status")
-    if not status.exists():
-        return None
-    line = next(ln for ln in status.read_text().splitlines() if ln.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def _reset_peak(device: torch.device) -> bool:
     """Reset the RSS high-water mark (and CUDA's peak) to now; False where the kernel refuses."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
+    return reset_peak_rss()
 
 
 def measure(
@@ -175,9 +163,9 @@ def measure(
     generate(model, prompt[:, :WARMUP_TOKENS], 2, cache())
     gc.collect()
     reset = _reset_peak(dev)
-    before = _status_bytes("VmRSS")
+    before = status_bytes("VmRSS")
     result = generate(model, prompt, decode_steps, cache(), progress=progress)
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     result.update(
         decode_tokens_per_s=decode_steps / result["decode_s"] if result["decode_s"] else None,
         peak_rss_bytes=peak,
