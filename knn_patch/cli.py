@@ -1,6 +1,6 @@
-"""`knn-patch` command line: `demo`, `eval` (dense against kNN perplexity), `report`, `finetune`,
-`approx` (how well the estimators approximate attention), `bench` (`bench generate`: whole-model
-generation), `faiss-bench`, `prepare`."""
+"""`knn-patch` command line: `demo`, `eval` (dense against kNN perplexity), `needle` (retrieval),
+`report`, `finetune`, `approx` (how well the estimators approximate attention), `bench` (`bench
+generate`: whole-model generation), `faiss-bench`, `prepare`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -99,6 +99,66 @@ def report(args: argparse.Namespace) -> None:
     result = json.loads(Path(args.result).read_text())
     done = "" if result.get("complete", True) else " (partial: the documents finished so far)"
     print_report(result, f"{args.result}: {len(result['documents'])} documents, {result['mode']}{done}")
+
+
+def needle(args: argparse.Namespace) -> dict:
+    """Needle-in-a-haystack retrieval (RULER's NIAH tasks), dense against kNN settings on the same prompts."""
+    from .needle import SNAP_TOKENS, Grid, NeedleTask, check_lengths, run_needle
+    from .needle import print_report as print_needles
+    from .needle import write_report as write_needles
+
+    out = ensure_writable(args.out)  # fail before the long work, not after it
+    task = NeedleTask(args.task, args.needles, args.key_type, args.value_type)  # bad input fails here
+    grid = Grid(tuple(args.lengths), tuple(args.depths), args.trials, args.seed)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
+    configs = _settings(args)
+    partial = out / "needle.partial.json"
+    resume_from = None
+    if args.resume:
+        if not partial.exists():
+            raise FileNotFoundError(f"--resume: there is no {partial} to continue; run without --resume.")
+        resume_from = json.loads(partial.read_text())
+    model = load_model(args.model).to("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(args.model)
+    check_lengths(model, grid)  # before tokenizing the haystacks
+    docs = load_documents(
+        args.dataset,
+        config=args.dataset_config,
+        split=args.split,
+        column=args.column,
+        name_column=args.name_column,
+    )
+    need = max(grid.lengths) + 2 * SNAP_TOKENS
+    docs, _ = tokenize_documents(docs, tokenizer, min_tokens=need, join_to=need)
+    if len(docs) == 0:
+        raise ValueError(f"{args.dataset!r} holds fewer than {need} tokens, even joined; lower --lengths.")
+    result = run_needle(
+        model,
+        tokenizer,
+        list(zip(docs["name"], docs["input_ids"], strict=True)),
+        configs,
+        grid,
+        task,
+        dense_prefill=args.dense_prefill,
+        max_new_tokens=args.max_new_tokens,
+        use_chat=not args.no_chat_template,
+        resume_from=resume_from,
+        on_prompt=lambda so_far: write_json_atomic(
+            partial, {**so_far, "args": vars(args), "complete": False}
+        ),
+    )
+    result.update(model=args.model, dataset=args.dataset, args=vars(args), environment=environment())
+    prefill = "dense prefill, kNN decode" if args.dense_prefill else "kNN prefill and decode"
+    print_needles(
+        result,
+        f"{args.model} needles: {args.task}, {len(result['prompts'])} prompts ({grid.trials} per length and "
+        f"depth), {prefill}; accuracy [Wilson 95%]",
+    )
+    paths = write_needles(result, out)
+    partial.unlink(missing_ok=True)
+    print(f"results in {out}/: {', '.join(str(p.relative_to(out)) for p in paths.values())}")
+    return result
 
 
 def _long_document(tokenizer, n_tokens: int) -> tuple[str, list[int]]:
@@ -192,9 +252,8 @@ def _settings(args: argparse.Namespace) -> list[KNNConfig]:
     return configs
 
 
-def _eval_arguments(
-    p: argparse.ArgumentParser, *, max_docs: int | None, min_tokens: int, max_tokens: int | None, out: str
-) -> None:
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model and the document source, shared by `eval` and `needle` (its haystacks)."""
     p.add_argument(
         "--model",
         default="default",
@@ -215,6 +274,43 @@ def _eval_arguments(
         default=None,
         help="column naming each document (default: the row index; short_book_title for pg19)",
     )
+
+
+def _settings_arguments(p: argparse.ArgumentParser, *, k: str) -> None:
+    """The kNN settings run beside dense, shared by `eval` and `needle`: `--k` values with one
+    backend, sinks, window and layers, or a `--settings` YAML file."""
+    p.add_argument("--k", default=k, help="comma-separated k values or rules of n")
+    p.add_argument("--backend", default="topk")
+    p.add_argument(
+        "--backend-options",
+        type=_json_object,
+        default={},
+        help="the backend's options as a JSON object, e.g. "
+        '\'{"index": "ivf", "scan_fraction": 0.2}\' for faiss',
+    )
+    p.add_argument("--sink-tokens", type=int, default=0)
+    p.add_argument("--local-window", type=int, default=0)
+    p.add_argument(
+        "--layers",
+        type=_layers,
+        default="all",
+        help="kNN layers: 'all', 'global' (the full-attention layers of a hybrid model) or indices",
+    )
+    p.add_argument(
+        "--settings",
+        default=None,
+        metavar="YAML",
+        help="a YAML list of KNNConfig fields, one kNN setting each, all run beside dense on the same "
+        "inputs (e.g. evals/configs/long_context.yaml); replaces --k, --backend, --backend-options, "
+        "--sink-tokens, --local-window and --layers",
+    )
+    p.add_argument("--chunk-size", type=int, default=512)
+
+
+def _eval_arguments(
+    p: argparse.ArgumentParser, *, max_docs: int | None, min_tokens: int, max_tokens: int | None, out: str
+) -> None:
+    _model_arguments(p)
     p.add_argument(
         "--join-to",
         type=int,
@@ -238,38 +334,13 @@ def _eval_arguments(
         default=1,
         help="score only positions >= this in each document (context before)",
     )
-    p.add_argument("--k", default="16,64,sqrt,n^0.125", help="comma-separated k values or rules of n")
     p.add_argument(
         "--mode", choices=("sliding", "decode"), default="sliding", help="see knn_patch.evaluation"
     )
     p.add_argument(
         "--dense-prefill", action="store_true", help="decode mode: one dense prefill shared by all settings"
     )
-    p.add_argument("--backend", default="topk")
-    p.add_argument(
-        "--backend-options",
-        type=_json_object,
-        default={},
-        help="the backend's options as a JSON object, e.g. "
-        '\'{"index": "ivf", "scan_fraction": 0.2}\' for faiss',
-    )
-    p.add_argument("--sink-tokens", type=int, default=0)
-    p.add_argument("--local-window", type=int, default=0)
-    p.add_argument(
-        "--layers",
-        type=_layers,
-        default="all",
-        help="kNN layers: 'all', 'global' (the full-attention layers of a hybrid model) or indices",
-    )
-    p.add_argument(
-        "--settings",
-        default=None,
-        metavar="YAML",
-        help="a YAML list of KNNConfig fields, one kNN setting each, all run beside dense on the same "
-        "windows (e.g. evals/configs/long_context.yaml); replaces --k, --backend, --backend-options, "
-        "--sink-tokens, --local-window and --layers",
-    )
-    p.add_argument("--chunk-size", type=int, default=512)
+    _settings_arguments(p, k="16,64,sqrt,n^0.125")
     p.add_argument(
         "--resume", action="store_true", help="continue a stopped run from OUT/perplexity.partial.json"
     )
@@ -277,6 +348,59 @@ def _eval_arguments(
         "--out", default=out, help="folder for perplexity.json, perplexity.png and evaluate records"
     )
     p.set_defaults(func=eval_)
+
+
+def _comma_list(cast: type) -> Callable[[str], tuple]:
+    """An argparse type: comma-separated values of `cast`, e.g. "1024,2048" or "0,0.5,1"."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(cast(p.strip()) for p in text.split(",") if p.strip())
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of {cast.__name__}"
+            ) from err
+
+    return parse
+
+
+def _needle_arguments(p: argparse.ArgumentParser) -> None:
+    from .needle import KINDS, TASKS
+
+    _model_arguments(p)
+    p.add_argument("--task", choices=TASKS, default="multikey", help="RULER's NIAH tasks (knn_patch.needle)")
+    p.add_argument(
+        "--needles",
+        type=int,
+        default=None,
+        help="multikey: all needles, 1 asked (default 4); multivalue: values of the key; "
+        "multiquery: keys asked",
+    )
+    p.add_argument("--key-type", choices=KINDS, default="words")
+    p.add_argument("--value-type", choices=KINDS, default="numbers")
+    p.add_argument("--lengths", type=_comma_list(int), default=(1024, 2048), help="prompt lengths in tokens")
+    p.add_argument(
+        "--depths", type=_comma_list(float), default=(0.0, 0.25, 0.5, 0.75, 1.0), help="needle depths"
+    )
+    p.add_argument("--trials", type=int, default=4, help="prompts per (length, depth) cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="decode budget (default: from the task)")
+    p.add_argument(
+        "--dense-prefill",
+        action="store_true",
+        help="prefill each prompt once with dense attention; the kNN settings only decode from it",
+    )
+    p.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="plain prompts even where the tokenizer has a chat template",
+    )
+    _settings_arguments(p, k="32,128")
+    p.add_argument(
+        "--resume", action="store_true", help="continue a stopped run from OUT/needle.partial.json"
+    )
+    p.add_argument("--out", default="outputs/needle", help="folder for needle.json and the plots")
+    p.set_defaults(func=needle)
 
 
 @contextlib.contextmanager
@@ -318,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     _eval_arguments(p, max_docs=12, min_tokens=2048, max_tokens=2048, out="outputs/demo")
     p = sub.add_parser("eval", help=eval_.__doc__.splitlines()[0])
     _eval_arguments(p, max_docs=None, min_tokens=2, max_tokens=None, out="outputs/eval")
+    p = sub.add_parser("needle", help=needle.__doc__)
+    _needle_arguments(p)
     p = sub.add_parser("report", help=report.__doc__)
     p.add_argument("result", help="a perplexity.json or perplexity.partial.json")
     p.set_defaults(func=report)

@@ -164,3 +164,37 @@ def test_a_bad_settings_file_fails_before_the_model_loads(tmp_path, monkeypatch,
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         main(["eval", "--settings", str(path), "--out", str(tmp_path)])
+
+
+def test_needle_end_to_end_on_the_embedded_model(tmp_path, capsys):
+    out = tmp_path / "needle"
+    main(["needle", "--task", "multikey", "--lengths", "1024", "--depths", "0.5", "--trials", "1",
+          "--k", "32", "--sink-tokens", "4", "--local-window", "64", "--max-new-tokens", "12",
+          "--out", str(out)])  # fmt: skip
+    result = json.loads((out / "needle.json").read_text())
+    assert [s["name"] for s in result["settings_detail"]] == ["dense", "topk k=32 sinks=4 window=64"]
+    (prompt,) = result["prompts"]
+    assert prompt["length"] == 1024 and len(prompt["needles"]) == 4 and result["template"]["chat"]
+    assert result["environment"]["torch"] and not (out / "needle.partial.json").exists()
+    assert {"needle_dense.png", "needle_keys.png"} <= {p.name for p in out.glob("*.png")}
+    table = capsys.readouterr().out
+    assert "1024 tokens" in table and "topk k=32 sinks=4 window=64" in table
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--trials", "0"], "trials must be >= 1"),
+        (["--task", "single", "--needles", "3"], "exactly 1"),
+        (["--depths", "0,2"], "depths must be fractions"),
+        (["--lengths", "16384"], "exceeds the model's 8192 positions"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--resume"], "no .*needle.partial.json to continue"),
+    ],
+)
+def test_bad_needle_input_fails_before_any_work(tmp_path, args, match, monkeypatch):
+    import knn_patch.cli as cli
+
+    monkeypatch.setattr(cli, "load_documents", lambda *a, **k: pytest.fail("the haystack was loaded"))
+    with pytest.raises((ValueError, OSError), match=match):
+        main(["needle", *args, "--out", str(tmp_path)])
