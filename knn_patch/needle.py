@@ -251,11 +251,15 @@ def build_prompt(
     }
 
 
-def score(answer: str, expected: Sequence[str]) -> dict[str, Any]:
+def score(answer: str, expected: Sequence[str], distractors: Sequence[str] = ()) -> dict[str, Any]:
     """RULER's string match: each expected value found (case-insensitive substring) in `answer`;
-    `correct` when all are, `score` the share found."""
-    found = [value.lower() in answer.lower() for value in expected]
-    return {"found": found, "correct": all(found), "score": sum(found) / len(found)}
+    `correct` when all are, `score` the share found. `strict` also needs no distractor's value in
+    the answer: a small model that lists every number it saw is `correct` on multikey by RULER's
+    rule, but has not told the keys apart."""
+    text = answer.lower()
+    found = [value.lower() in text for value in expected]
+    strict = all(found) and not any(value.lower() in text for value in distractors)
+    return {"found": found, "correct": all(found), "strict": strict, "score": sum(found) / len(found)}
 
 
 def wilson(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -438,6 +442,7 @@ def run_needle(
                     start = time.perf_counter()
                     shared = prefill_dense(model, prompt["input_ids"], all_configs)
                     prefill_seconds += time.perf_counter() - start
+                distractors = [n["value"] for n in prompt["needles"] if not n["asked"]]
                 answers = {}
                 for name, config in zip(names, all_configs, strict=True):
                     bar.set_postfix_str(f"{length} tokens, {name}")
@@ -452,7 +457,11 @@ def run_needle(
                     )
                     took = time.perf_counter() - start
                     seconds[name] += took
-                    answers[name] = {"text": text, **score(text, prompt["expected"]), "seconds": took}
+                    answers[name] = {
+                        "text": text,
+                        **score(text, prompt["expected"], distractors),
+                        "seconds": took,
+                    }
                     bar.update(1)
                 records.append(
                     {
@@ -502,8 +511,9 @@ def _check_resume(partial: dict[str, Any] | None, run: dict[str, Any]) -> list[d
 def _summary(
     records: Sequence[dict[str, Any]], name: str, key: Callable[[dict], Any]
 ) -> dict[Any, dict[str, Any]]:
-    """Accuracy of setting `name` per group of prompts (`key`), with its Wilson 95% interval and
-    RULER's partial score (the share of values found)."""
+    """Accuracy of setting `name` per group of prompts (`key`), with its Wilson 95% interval, the
+    strict accuracy (no distractor's value in the answer) and RULER's partial score (the share of
+    values found)."""
     groups: dict[Any, list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault(key(r), []).append(r["answers"][name])
@@ -516,6 +526,7 @@ def _summary(
             "correct": correct,
             "accuracy": correct / len(answers),
             "ci95": [low, high],
+            "strict_accuracy": sum(a.get("strict", a["correct"]) for a in answers) / len(answers),
             "score": sum(a["score"] for a in answers) / len(answers),
         }
     return out
@@ -576,7 +587,8 @@ def _cell(v: Mapping[str, Any] | None) -> str:
 
 def print_report(result: dict[str, Any], title: str, console: Console | None = None) -> None:
     """Accuracy (all values found) per length per setting, with Wilson 95% intervals in brackets, the
-    keys read at the longest length, and seconds."""
+    keys read at the longest length, the strict accuracy over all prompts (no distractor's value in
+    the answer either), and seconds."""
     lengths = [str(n) for n in sorted(result["grid"]["lengths"])]
     longest = lengths[-1]
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
@@ -585,6 +597,7 @@ def print_report(result: dict[str, Any], title: str, console: Console | None = N
     for n in lengths:
         table.add_column(f"{n} tokens", justify="right", no_wrap=True)
     table.add_column("all", justify="right", no_wrap=True)
+    table.add_column("strict", justify="right", no_wrap=True)
     table.add_column("seconds", justify="right", no_wrap=True)
     for s in result["settings_detail"]:
         summary = result["summary"][s["name"]]
@@ -593,6 +606,7 @@ def print_report(result: dict[str, Any], title: str, console: Console | None = N
             f"{s['keys_percent'][longest]:.1f}",
             *(_cell(summary["by_length"].get(n)) for n in lengths),
             _cell(summary["all"]),
+            f"{100 * summary['all']['strict_accuracy']:.0f}%" if summary["all"] else "-",
             f"{summary['seconds']:.0f}",
         )
     (console or Console(width=max(Console().width, 160))).print(table)

@@ -105,7 +105,14 @@ def test_prompts_are_seeded(tokenizer, haystacks):
 
 
 def test_score_is_ruler_string_match():
-    assert score(": 1234567.", ["1234567"]) == {"found": [True], "correct": True, "score": 1.0}
+    assert score(": 1234567.", ["1234567"]) == {
+        "found": [True],
+        "correct": True,
+        "strict": True,
+        "score": 1.0,
+    }
+    listed = score("1. 1234567 2. 7654321", ["1234567"], distractors=["7654321"])
+    assert listed["correct"] and not listed["strict"]  # every number listed: RULER counts it, strict does not
     assert score("are 7654321 and 1234567", ["1234567", "7654321"])["correct"]
     partial = score("The numbers are 1234567, 2345678", ["1234567", "9999999"])
     assert partial["found"] == [True, False] and not partial["correct"] and partial["score"] == 0.5
