@@ -8,7 +8,7 @@ LOCK    := requirements/lock.txt
 LATEST  := .venv-latest
 TORCH   := requirements/torch.txt
 
-.PHONY: setup demo test test-latest lock lock-upgrade lint bench clean
+.PHONY: setup demo test test-latest lock lock-upgrade lint bench gpu-check clean
 
 $(STAMP): pyproject.toml $(LOCK) $(TORCH)
 	python3 -m venv $(VENV)
@@ -57,6 +57,13 @@ lint: setup
 
 bench: setup
 	$(PY) evals/speed.py --repeats 5
+
+# The CUDA tests and a one-layer GPU bench in one command, for a lent GPU machine (docs/benchmarks.md,
+# "GPU check: how to run it"). It uses the machine's own python3, which holds CUDA torch (the venv has
+# the CPU wheel), so it needs no setup; without a GPU it says so in one line and exits 0.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) outputs .pytest_cache .ruff_cache
