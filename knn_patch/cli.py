@@ -95,9 +95,19 @@ def eval_(args: argparse.Namespace) -> dict:
 
 
 def report(args: argparse.Namespace) -> None:
-    """Print the table of a saved result (`perplexity.json`, or the `.partial.json` of a stopped run)."""
+    """Print the table of a saved result (`perplexity.json`, `needle.json`, or the `.partial.json`
+    of a stopped run)."""
     result = json.loads(Path(args.result).read_text())
-    done = "" if result.get("complete", True) else " (partial: the documents finished so far)"
+    partial = not result.get("complete", True)
+    if "prompts" in result:  # a needle run
+        from .needle import print_report as print_needles
+
+        done = " (partial: the prompts finished so far)" if partial else ""
+        print_needles(
+            result, f"{args.result}: {result['task']['task']}, {len(result['prompts'])} prompts{done}"
+        )
+        return
+    done = " (partial: the documents finished so far)" if partial else ""
     print_report(result, f"{args.result}: {len(result['documents'])} documents, {result['mode']}{done}")
 
 
@@ -445,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("needle", help=needle.__doc__)
     _needle_arguments(p)
     p = sub.add_parser("report", help=report.__doc__)
-    p.add_argument("result", help="a perplexity.json or perplexity.partial.json")
+    p.add_argument("result", help="a perplexity.json, needle.json or their .partial.json")
     p.set_defaults(func=report)
     p = sub.add_parser("finetune", help="fine-tune under kNN attention from a recipe YAML (recipes/configs)")
     p.set_defaults(func=finetune)

@@ -179,6 +179,10 @@ def test_needle_end_to_end_on_the_embedded_model(tmp_path, capsys):
     assert {"needle_dense.png", "needle_keys.png"} <= {p.name for p in out.glob("*.png")}
     table = capsys.readouterr().out
     assert "1024 tokens" in table and "topk k=32 sinks=4 window=64" in table
+    main(["report", str(out / "needle.json")])  # the table again, from the saved result
+    again = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.lstrip().startswith(("dense", "topk"))]
+    assert len(rows) == 2 and all(row in again for row in rows)
 
 
 @pytest.mark.parametrize(
