@@ -427,6 +427,7 @@ def run_needle(
         seconds.update(resume_from.get("seconds", {}))
     prefill_seconds = resume_from.get("shared_prefill_seconds", 0.0) if resume_from else 0.0
     todo = [p for p in grid.prompts() if p[:3] not in done]
+    template = _template(tokenizer, task, use_chat)
     before = get_config(model)
     all_configs: list[KNNConfig | None] = [None, *configs]
     try:
@@ -479,10 +480,9 @@ def run_needle(
                     }
                 )
                 if on_prompt is not None:
-                    on_prompt(_result(records, run, configs, seconds, prefill_seconds, prompt["template"]))
+                    on_prompt(_result(records, run, configs, seconds, prefill_seconds, template))
     finally:
         _use(model, before)
-    template = _template(tokenizer, task, use_chat)
     return _result(records, run, configs, seconds, prefill_seconds, template)
 
 
