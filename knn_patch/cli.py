@@ -28,6 +28,27 @@ from .training import add_arguments as add_finetune_arguments
 from .training import run_from_args as finetune
 
 
+def _partial(path: Path, resume: bool) -> tuple[Path, dict | None]:
+    """A run's partial-result file (its finished work so far, if it is stopped) and, with
+    `--resume`, what it holds; resuming without one is an error naming the fix."""
+    if not resume:
+        return path, None
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: there is no {path} to continue; run without --resume.")
+    return path, json.loads(path.read_text())
+
+
+def _saver(partial: Path, args: argparse.Namespace) -> Callable[[dict], None]:
+    """Save a result so far, atomically, with the run's arguments: what `--resume` continues."""
+    return lambda so_far: write_json_atomic(partial, {**so_far, "args": vars(args), "complete": False})
+
+
+def _finished(partial: Path, out: Path, paths: dict[str, Path]) -> None:
+    """Drop the partial file once the result is written, and say where it is."""
+    partial.unlink(missing_ok=True)
+    print(f"results in {out}/: {', '.join(str(p.relative_to(out)) for p in paths.values())}")
+
+
 def eval_(args: argparse.Namespace) -> dict:
     """Long-context perplexity of a model on a corpus, dense against kNN settings on the same windows.
 
@@ -55,12 +76,7 @@ def eval_(args: argparse.Namespace) -> dict:
     )
     if args.max_docs is not None:
         docs = docs.select(range(min(args.max_docs, len(docs))))
-    partial = out / "perplexity.partial.json"  # the finished documents so far, if the run is stopped
-    resume_from = None
-    if args.resume:
-        if not partial.exists():
-            raise FileNotFoundError(f"--resume: there is no {partial} to continue; run without --resume.")
-        resume_from = json.loads(partial.read_text())
+    partial, resume_from = _partial(out / "perplexity.partial.json", args.resume)
     result = evaluate_perplexity(
         model,
         list(zip(docs["name"], docs["input_ids"], strict=True)),
@@ -72,11 +88,7 @@ def eval_(args: argparse.Namespace) -> dict:
         score_from=args.score_from,
         state=state,
         resume_from=resume_from,
-        on_document=(
-            lambda so_far: write_json_atomic(partial, {**so_far, "args": vars(args), "complete": False})
-        )
-        if state.is_main_process
-        else None,
+        on_document=_saver(partial, args) if state.is_main_process else None,
     )
     result.update(skipped_documents=skipped, processes=state.num_processes, args=vars(args))
     result.update(environment=environment())
@@ -89,8 +101,7 @@ def eval_(args: argparse.Namespace) -> dict:
         f"tokens scored, {args.mode}, max_length {args.max_length}",
     )
     paths = write_report(result, out)
-    partial.unlink(missing_ok=True)
-    print(f"results in {out}/: {', '.join(str(p.relative_to(out)) for p in paths.values())}")
+    _finished(partial, out, paths)
     return result
 
 
@@ -123,12 +134,7 @@ def needle(args: argparse.Namespace) -> dict:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
     configs = _settings(args)
-    partial = out / "needle.partial.json"
-    resume_from = None
-    if args.resume:
-        if not partial.exists():
-            raise FileNotFoundError(f"--resume: there is no {partial} to continue; run without --resume.")
-        resume_from = json.loads(partial.read_text())
+    partial, resume_from = _partial(out / "needle.partial.json", args.resume)
     model = load_model(args.model).to("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(args.model)
     check_lengths(model, grid)  # before tokenizing the haystacks
@@ -154,9 +160,7 @@ def needle(args: argparse.Namespace) -> dict:
         max_new_tokens=args.max_new_tokens,
         use_chat=not args.no_chat_template,
         resume_from=resume_from,
-        on_prompt=lambda so_far: write_json_atomic(
-            partial, {**so_far, "args": vars(args), "complete": False}
-        ),
+        on_prompt=_saver(partial, args),
     )
     result.update(model=args.model, dataset=args.dataset, args=vars(args), environment=environment())
     prefill = "dense prefill, kNN decode" if args.dense_prefill else "kNN prefill and decode"
@@ -166,8 +170,7 @@ def needle(args: argparse.Namespace) -> dict:
         f"depth), {prefill}; accuracy [Wilson 95%]",
     )
     paths = write_needles(result, out)
-    partial.unlink(missing_ok=True)
-    print(f"results in {out}/: {', '.join(str(p.relative_to(out)) for p in paths.values())}")
+    _finished(partial, out, paths)
     return result
 
 
