@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 from tiny_models import tiny_model
 
-from knn_patch import KNNConfig
+from knn_patch import KNNConfig, get_config
 from knn_patch.data import load_documents, tokenize_documents
 from knn_patch.loading import load_tokenizer
 from knn_patch.needle import (
@@ -142,7 +142,7 @@ def test_k_at_least_n_answers_as_dense_on_the_same_prompts(model, tokenizer, hay
         assert texts["dense"]  # the tiny model says something
     assert result["template"]["chat"] and "{key}" in result["template"]["tail"]
     assert result["settings_detail"][1]["keys_percent"]["256"] == 100.0
-    assert not hasattr(model, "knn_config") and model.config._attn_implementation == "sdpa"
+    assert get_config(model) is None and model.config._attn_implementation == "sdpa"  # restored
 
 
 def test_sliding_window_model_with_a_shared_dense_prefill(tokenizer, haystacks):
