@@ -104,13 +104,13 @@ def _use(model: torch.nn.Module, config: KNNConfig | None) -> None:
 
 @torch.no_grad()
 def prefill(
-    model: torch.nn.Module, window: torch.Tensor, first: int, config: KNNConfig | None
+    model: torch.nn.Module, window: torch.Tensor, first: int, config: KNNConfig | None, cache: Any = None
 ) -> tuple[torch.Tensor, Any]:
-    """Run the prefix [0, first) of a (1, L) window with `config` (None: dense); returns the logits
-    predicting token `first` and the KV cache. Only that position is projected onto the vocabulary:
-    the prefix's full logits would cost first x V floats."""
+    """Run the prefix [0, first) of a (1, L) window with `config` (None: dense) into `cache` (None:
+    the model's default); returns the logits predicting token `first` and the KV cache. Only that
+    position is projected onto the vocabulary: the prefix's full logits would cost first x V floats."""
     _use(model, config)
-    out = model(input_ids=window[:, :first], use_cache=True, logits_to_keep=1)
+    out = model(input_ids=window[:, :first], cache=cache, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1], out.cache
 
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .config import KNNConfig
-from .evaluation import DENSE, _label, _use, keys_read, setting_name
+from .evaluation import DENSE, _label, _use, keys_read, prefill, setting_name
 from .io import atomic_write, write_json_atomic
 from .patcher import get_config
 
@@ -323,17 +323,11 @@ def answer(
     return tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
 
 
-@torch.no_grad()
 def prefill_dense(model: torch.nn.Module, ids: Sequence[int], configs: Sequence[KNNConfig | None]) -> Any:
     """A cache holding prompt `ids` but its last token, filled by the dense model: `answer` then
     decodes from it, so only reading the context back is kNN."""
-    _use(model, None)
-    device = next(model.parameters()).device
-    cache = _cache(configs, model)
-    model(
-        input_ids=torch.tensor([list(ids[:-1])], device=device), cache=cache, use_cache=True, logits_to_keep=1
-    )
-    return cache
+    prompt = torch.tensor([list(ids)], device=next(model.parameters()).device)
+    return prefill(model, prompt, len(ids) - 1, None, cache=_cache(configs, model))[1]
 
 
 @dataclass(frozen=True)
