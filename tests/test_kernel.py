@@ -12,8 +12,13 @@ from knn_patch.kernels.select import extension_available, topk_rows
 from knn_patch.kernels.topk import topk_attention
 
 
-def reference(q, k, v, mask=None, *, kk, scale, causal=True, sinks=0, window=0, softcap=None):
-    """Loop over every (batch, head, query): keep the forced keys, then the kk best other visible keys."""
+def reference(
+    q, k, v, mask=None, *, kk, scale, causal=True, sinks=0, window=0, softcap=None, rest_mean=False
+):
+    """Loop over every (batch, head, query): keep the forced keys, then the kk best other visible keys.
+
+    With `rest_mean`, the visible keys not kept are one more softmax entry: score log(sum of their
+    exp-scores), value the mean of their values, both constants for autograd."""
     b, hq, lq, _ = q.shape
     lk, g = k.shape[2], hq // k.shape[1]
     out = torch.zeros(b, hq, lq, v.shape[-1], dtype=q.dtype)
@@ -34,8 +39,12 @@ def reference(q, k, v, mask=None, *, kk, scale, causal=True, sinks=0, window=0, 
                     s = torch.tanh(s / softcap) * softcap
                 rest = sorted((j for j in cols if j not in forced), key=lambda j: -s[j].item())
                 keep = sorted(forced) + rest[:kk]
-                p = torch.softmax(s[keep], -1)
-                out[bi, h, i] = p @ v[bi, h // g, keep]
+                scores, values = s[keep], v[bi, h // g, keep]
+                if rest_mean and rest[kk:]:
+                    others = rest[kk:]
+                    scores = torch.cat([scores, torch.logsumexp(s[others], 0).detach().view(1)])
+                    values = torch.cat([values, v[bi, h // g, others].mean(0).detach().unsqueeze(0)])
+                out[bi, h, i] = torch.softmax(scores, -1) @ values
     return out
 
 
@@ -117,6 +126,46 @@ def test_sinks_and_local_window_are_kept_on_top_of_k(opts):
         assert (w[1, :, 10:, 6] > 0).all() and (w[1, :, :, :6] == 0).all()
 
 
+@pytest.mark.parametrize("precision", PRECISION)
+@pytest.mark.parametrize("case", ["short", "two_stage_select", "decode_step", "cached_prefix"])
+@pytest.mark.parametrize(
+    ("masking", "sinks", "window"), [("causal", 0, 0), ("padded", 2, 3), ("window", 0, 4)]
+)
+def test_rest_mean_matches_reference_output_and_gradients(case, masking, sinks, window, precision):
+    c = CASES[case]
+    dtype, atol = PRECISION[precision]
+    q, k, v = inputs(lq=c["lq"], lk=c["lk"], dtype=dtype)
+    mask = None
+    if masking == "padded":
+        mask = padding_mask(2, c["lq"], c["lk"], [0, 7])
+    elif masking == "window":
+        mask = padding_mask(2, c["lq"], c["lk"], [3, 0], window=15)
+    opts = dict(k=c["kk"], scale=0.4, sink_tokens=sinks, local_window=window)
+    out, _ = topk_attention(q, k, v, mask, **opts, chunk_size=c["chunk"], rest_mean=True)
+    ref = reference(q, k, v, mask, kk=c["kk"], scale=0.4, sinks=sinks, window=window, rest_mean=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=atol)
+    plain, _ = topk_attention(q, k, v, mask, **opts, chunk_size=c["chunk"])
+    assert (out - plain).abs().max() > 1e-3  # the rest's share is not renormalised away
+    weight = torch.randn_like(ref)
+    got = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+def test_rest_mean_with_softcap_matches_reference():
+    q, k, v = inputs(lq=30, lk=30)
+    out, _ = topk_attention(q, k, v, k=4, scale=0.4, softcap=2.0, chunk_size=8, rest_mean=True)
+    ref = reference(q, k, v, kk=4, scale=0.4, softcap=2.0, rest_mean=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_rest_mean_refuses_tail_samples():
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match="rest_mean"):
+        topk_attention(q, k, v, k=4, tail_samples=4, rest_mean=True)
+
+
 def test_softcap_matches_reference():
     q, k, v = inputs()
     out, _ = topk_attention(q, k, v, k=5, scale=0.4, softcap=1.5, chunk_size=16)
@@ -152,11 +201,12 @@ def test_chunk_size_does_not_change_the_result(chunk):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("rest_mean", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_k_at_least_n_equals_sdpa(padded):
+def test_k_at_least_n_equals_sdpa(padded, rest_mean):
     q, k, v = inputs(dtype=torch.float32, lq=70, lk=70)
     mask = padding_mask(2, 70, 70, [0, 9]) if padded else None
-    out, _ = topk_attention(q, k, v, mask, k=70, chunk_size=16)
+    out, _ = topk_attention(q, k, v, mask, k=70, chunk_size=16, rest_mean=rest_mean)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     rows = slice(None) if mask is None else mask.any(-1, keepdim=True).expand_as(out)
     torch.testing.assert_close(out[rows], ref[rows], rtol=0, atol=1e-5)

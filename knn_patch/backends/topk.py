@@ -1,12 +1,37 @@
-"""`topk` backend: exact kNN attention, each query attends to its k keys of largest score."""
+"""`topk` backend: exact kNN attention, each query attends to its k keys of largest score.
+
+Option (`KNNConfig.backend_options`): `rest`, what becomes of the softmax mass of the keys a query
+does not keep: "drop" (the default: plain top-k attention) renormalises the kept keys' weights
+without it, "mean" gives it to the mean of their values. See `topk_attention`'s `rest_mean`.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from ..config import KNNConfig
 from ..kernels.topk import topk_attention
 from ..registry import register_backend
+
+DEFAULTS = {"rest": "drop"}
+RESTS = ("drop", "mean")
+
+
+def validate_options(options: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the bad key of `backend_options`."""
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"KNNConfig.backend_options: unknown keys {unknown} for 'topk'; allowed {sorted(DEFAULTS)}."
+        )
+    rest = options.get("rest", DEFAULTS["rest"])
+    if rest not in RESTS:
+        raise ValueError(
+            f"KNNConfig.backend_options['rest']={rest!r} is invalid for 'topk': use one of {RESTS}."
+        )
 
 
 def topk_attention_forward(
@@ -33,7 +58,7 @@ def topk_attention_forward(
         key,
         value,
         attention_mask,
-        k=knn_config.resolve_k(key.shape[2]),
+        k=knn_config.resolve_k(key.shape[2], getattr(module, "layer_idx", None)),
         scale=scaling,
         is_causal=kwargs.get("is_causal", getattr(module, "is_causal", True)),
         sink_tokens=knn_config.sink_tokens,
@@ -42,8 +67,9 @@ def topk_attention_forward(
         dropout=dropout,
         chunk_size=knn_config.chunk_size,
         return_weights=bool(kwargs.get("output_attentions", False)),
+        rest_mean={**DEFAULTS, **knn_config.backend_options}["rest"] == "mean",
     )
     return out.transpose(1, 2).contiguous(), weights  # (B, Hq, Lq, D) -> (B, Lq, Hq, D)
 
 
-register_backend("topk", topk_attention_forward)
+register_backend("topk", topk_attention_forward, validate_options=validate_options)

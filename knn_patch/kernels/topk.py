@@ -117,6 +117,10 @@ class _TopKAttention(torch.autograd.Function):
     `tail_samples` m > 0, each row also gets the `tail` estimator's m uniform samples of its other
     visible keys, weighted n_rest/m (`sampling.tail_sample`); the backward is unchanged, as the
     weights enter only through the saved probabilities.
+
+    With `rest_mean`, the keys a query does not keep still get their exact share of the softmax
+    mass, carried by the mean of their values (see `topk_attention`); that share and mean are saved
+    as one (B, Hkv, G, Lq, Dv) term and held constant in the backward.
     """
 
     @staticmethod
@@ -136,6 +140,7 @@ class _TopKAttention(torch.autograd.Function):
         chunk_size,
         generator,
         tail_samples=0,
+        rest_mean=False,
     ):
         b, hkv, g, lq, d = q.shape
         lk, dv = key.shape[2], value.shape[-1]
@@ -146,7 +151,13 @@ class _TopKAttention(torch.autograd.Function):
         offset = lk - lq  # queries are the last lq positions (bottom-right causal alignment)
         acc = torch.promote_types(q.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
         # The fused path (no mask, sinks, window or softcap; compiled) never materialises a score block.
-        fused = mask is None and not n_forced and softcap is None and fused_available(device, acc)
+        fused = (
+            mask is None
+            and not n_forced
+            and softcap is None
+            and not rest_mean
+            and fused_available(device, acc)
+        )
         chunk = chunk_size if fused else max(1, min(chunk_size, _SCORE_BUDGET // max(1, b * hkv * g * lk)))
 
         k32, v32 = key.to(acc), value.to(acc)
@@ -156,6 +167,9 @@ class _TopKAttention(torch.autograd.Function):
         p_all = torch.zeros(b, hkv, g, lq, width, dtype=acc, device=device)
         drop_all = torch.ones(b, hkv, g, lq, width, dtype=torch.bool, device=device) if dropout > 0 else None
         s_all = torch.zeros_like(p_all) if softcap is not None else None
+        rest_all = torch.zeros_like(out) if rest_mean else None
+        # running sums of the values (float64: differences of them stay exact), for the rest's mean
+        v_cum = _prefix_sums(value) if rest_mean and mask is None else None
         buffer = None  # score block, grown as needed by chunks that leave the fused path
         ranges = []
         for q0 in range(0, lq, chunk):
@@ -170,7 +184,8 @@ class _TopKAttention(torch.autograd.Function):
             # a chunk whose top-k and tail samples would cover every key takes them all: exact
             take = kk if kk + tail_samples < n else n
             s = visible = row_end = None
-            if mask is None and causal and take < n:  # selection stops at each row's causal limit
+            # selection stops at each row's causal limit; the rest's mass needs the scores masked instead
+            if mask is None and causal and take < n and not rest_mean:
                 row_end = (torch.arange(c, device=device) + (q0 + offset + 1 - lo)).clamp(max=n)
                 row_end = row_end.expand(b, hkv, g, c).reshape(-1)  # one per score row
             if fused and take < n:  # with tail samples, they come along in the last slots
@@ -229,6 +244,9 @@ class _TopKAttention(torch.autograd.Function):
             else:
                 logw = None
             p = _probabilities(vals if logw is None else vals + logw, keep)
+            if rest_mean and (take < n or n_forced):
+                p, rest = _rest_term(s, vals, keep, p, pos, v32, visible, v_cum, causal, q0, lo, offset)
+                rest_all[:, :, :, q0:q1] = rest
             t = p.shape[-1]
             if dropout > 0:
                 drop = torch.rand(p.shape, device=device, generator=generator) >= dropout
@@ -237,19 +255,21 @@ class _TopKAttention(torch.autograd.Function):
             else:
                 pw = p
             out[:, :, :, q0:q1] = _apply_weights(pw, pos, v32, lo, n)
+            if rest_all is not None:
+                out[:, :, :, q0:q1] += rest_all[:, :, :, q0:q1]
             idx_all[:, :, :, q0:q1, :t] = pos + lo
             p_all[:, :, :, q0:q1, :t] = p
             if s_all is not None:
                 s_all[:, :, :, q0:q1, :t] = torch.where(keep, vals, torch.zeros_like(vals))
 
-        ctx.save_for_backward(q, key, value, idx_all, p_all, drop_all, s_all)
+        ctx.save_for_backward(q, key, value, idx_all, p_all, drop_all, s_all, rest_all)
         ctx.meta = (scale, softcap, dropout, ranges)
         ctx.mark_non_differentiable(idx_all, p_all)
         return out, idx_all, p_all
 
     @staticmethod
     def backward(ctx, d_out, _d_idx, _d_p):
-        q, key, value, idx_all, p_all, drop_all, s_all = ctx.saved_tensors
+        q, key, value, idx_all, p_all, drop_all, s_all, rest_all = ctx.saved_tensors
         scale, softcap, dropout, ranges = ctx.meta
         b, hkv, g, _, d = q.shape
         dv = value.shape[-1]
@@ -290,7 +310,10 @@ class _TopKAttention(torch.autograd.Function):
                 dpw = (v_sel @ do.unsqueeze(-1)).squeeze(-1)  # (B, Hkv, G, C, take)
                 _scatter_rows(dvv, pos + lo, pw.unsqueeze(-1) * do.unsqueeze(-2))
             dp = dpw * keep_scale if keep_scale is not None else dpw
-            ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward
+            total = (p * dp).sum(-1, keepdim=True)
+            if rest_all is not None:  # the rest is one more softmax entry, its score and value constant
+                total = total + (rest_all[:, :, :, q0:q1] * do).sum(-1, keepdim=True)
+            ds = p * (dp - total)  # softmax backward
             if softcap is not None:
                 ds = ds * (1 - (s_all[:, :, :, q0:q1, :take] / softcap) ** 2)
             ds = ds * scale
@@ -306,7 +329,58 @@ class _TopKAttention(torch.autograd.Function):
                 k_sel = _gather_rows(k32[:, :, lo:hi], pos)  # (B, Hkv, G, C, take, D)
                 dq[:, :, :, q0:q1] = (ds.unsqueeze(-2) @ k_sel).squeeze(-2)
                 _scatter_rows(dk, pos + lo, ds.unsqueeze(-1) * qc.unsqueeze(-2))
-        return (dq.to(q.dtype), dk.to(key.dtype), dvv.to(value.dtype)) + (None,) * 11
+        return (dq.to(q.dtype), dk.to(key.dtype), dvv.to(value.dtype)) + (None,) * 12
+
+
+def _prefix_sums(value: torch.Tensor) -> torch.Tensor:
+    """value (B, Hkv, Lk, Dv) -> (B, Hkv, Lk + 1, Dv) float64: row j holds the sum of the first j values."""
+    b, hkv, _, dv = value.shape
+    zero = torch.zeros(b, hkv, 1, dv, dtype=torch.float64, device=value.device)
+    return torch.cat([zero, value.to(torch.float64).cumsum(2)], 2)
+
+
+def _rest_term(
+    s: torch.Tensor,
+    vals: torch.Tensor,
+    keep: torch.Tensor,
+    p: torch.Tensor,
+    pos: torch.Tensor,
+    v32: torch.Tensor,
+    visible: torch.Tensor | None,
+    v_cum: torch.Tensor | None,
+    causal: bool,
+    q0: int,
+    lo: int,
+    offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys a chunk's queries see but do not keep, as one softmax entry: their exact mass and
+    the mean of their values.
+
+    s (B, Hkv, G, C, L): masked scores (-inf where not visible); vals, keep, p, pos (B, Hkv, G, C, t):
+    the kept slots' scores, which slots are kept, their softmax over the kept slots and key
+    positions (from lo). Returns the kept slots' probabilities rescaled to the whole row's softmax,
+    and the rest's term (its probability times its values' mean), (B, Hkv, G, C, Dv).
+    """
+    c, n = s.shape[-2:]
+    kept = vals.masked_fill(~keep, -math.inf)
+    top = kept.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    z_all = torch.exp(s - top).sum(-1, keepdim=True)
+    z_kept = torch.exp(kept - top).sum(-1, keepdim=True)
+    share = ((z_all - z_kept) / z_all.clamp_min(torch.finfo(s.dtype).tiny)).clamp_(0, 1)  # (.., C, 1)
+    if visible is None:  # causal or unmasked: query i sees the keys [0, end_i)
+        ends = torch.arange(q0, q0 + c, device=s.device) + offset + 1 if causal else torch.full((c,), lo + n)
+        ends = ends.clamp(max=lo + n).to(s.device)
+        seen_sum = v_cum.index_select(2, ends).unsqueeze(2).to(s.dtype)  # (B, Hkv, 1, C, Dv)
+        seen = (ends - lo).to(s.dtype).view(c, 1)
+    else:
+        vis = visible.to(s.dtype)
+        seen_sum = vis @ v32[:, :, None, lo : lo + n]  # (B|1, Hkv, G|1, C, Dv)
+        seen = vis.sum(-1, keepdim=True)
+    kept_sum = _apply_weights(keep.to(s.dtype), pos, v32, lo, n)
+    count = (seen - keep.sum(-1, keepdim=True)).clamp_min(1)
+    mean = (seen_sum - kept_sum) / count
+    return p * (1 - share), share * mean
 
 
 def _dense_chunk(take: int, n: int) -> bool:
@@ -362,6 +436,7 @@ def topk_attention(
     generator: torch.Generator | None = None,
     return_weights: bool = False,
     tail_samples: int = 0,
+    rest_mean: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact kNN attention.
 
@@ -384,6 +459,17 @@ def topk_attention(
     `tail_samples` m > 0 adds the `tail` estimator's m reweighted uniform samples of the other
     visible keys (see `tail.tail_attention`, its entry point); not with sinks or a window.
 
+    `rest_mean` keeps the softmax mass of the visible keys a query does not keep instead of
+    renormalising it away: they count as one more entry whose weight is their exact share of the
+    softmax and whose value is the mean of their values,
+
+        o_i = sum_{j kept} p_ij v_j + (sum_{j rest} p_ij) * mean_{j rest} v_j,   p_i = softmax(s_i),
+
+    exact where the rest's values are alike. The share needs every visible score (the scores are
+    computed anyway to select the k nearest) and the mean a running sum of the values, so the
+    compiled selection that never holds a score block is not used. The backward treats the rest's
+    share and mean as constants: gradients flow through the kept keys only.
+
     Returns the output (B, Hq, Lq, Dv) in the query's dtype and, with `return_weights`, the dense
     weights (B, Hq, Lq, Lk) (O(Lq * Lk) memory: for inspection only).
     """
@@ -395,6 +481,8 @@ def topk_attention(
         raise ValueError(f"k must be >= 1, got {k}.")
     if tail_samples and (sink_tokens or local_window):
         raise ValueError("tail samples do not combine with sink_tokens or local_window.")
+    if tail_samples and rest_mean:
+        raise ValueError("tail samples and rest_mean are two estimates of the same rest: use one.")
     g = hq // hkv
     if attention_mask is not None:
         if attention_mask.dtype != torch.bool:
@@ -426,6 +514,7 @@ def topk_attention(
             chunk_size,
             generator,
             tail_samples,
+            rest_mean,
         )
     out = out.view(b, hq, lq, -1).to(query.dtype)  # (B, Hkv, G, Lq, Dv) -> (B, Hq, Lq, Dv)
     if not return_weights:
