@@ -6,7 +6,7 @@ knn_patch.patch(model, k=32)                  # in place: every attention layer 
 knn_patch.unpatch(model)                      # back to the model's own attention
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .cache import KNNCache
 from .config import KNNConfig, resolve_k

@@ -66,6 +66,21 @@ _LAYERS_FORMS = "'all' (or None), 'global', a list of layer indices or a range"
 _LOCAL_LAYER_TYPES = ("sliding_attention", "chunked_attention", "window_attention", "hybrid_sliding")
 
 
+def _validate_layer_k(value: Any) -> dict[int, int | str]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"KNNConfig.layer_k={value!r} is invalid: use a dict of layer index -> k.")
+    out = {}
+    for layer, k in value.items():
+        index = int(layer) if isinstance(layer, str) and layer.isdigit() else layer  # JSON keys are strings
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"KNNConfig.layer_k has key {layer!r}: layer indices are ints >= 0.")
+        try:
+            out[index] = _validate_k(k)
+        except ValueError as error:
+            raise ValueError(f"KNNConfig.layer_k[{index}]: {error}") from None
+    return dict(sorted(out.items()))
+
+
 def _validate_layers(value: Any) -> tuple[int, ...] | str | None:
     if value is None or (isinstance(value, str) and value.lower() == "all"):
         return None
@@ -95,13 +110,26 @@ def is_global_layer(model_config: Any, layer_idx: int) -> bool:
     return getattr(model_config, "sliding_window", None) is None
 
 
+# Named trade-offs between keys read and quality (docs/REPORT.md, "The frontier"). Each keeps 4 sinks
+# and a 16-key window, carries the other keys' softmax mass on their values' mean, and gives layer 0,
+# whose attention is the flattest, k = n^0.67. `patch(model)` with no settings takes "balanced".
+_KEPT = {"sink_tokens": 4, "local_window": 16, "layer_k": {0: "n^0.67"}, "backend_options": {"rest": "mean"}}
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"k": 16, **_KEPT},
+    "balanced": {"k": "sqrt", **_KEPT},
+    "accurate": {"k": "n^0.6", **_KEPT},
+}
+DEFAULT_PRESET = "balanced"
+
+
 @dataclass(frozen=True)
 class KNNConfig:
     """How to turn dense attention into kNN attention.
 
     Each selected layer's queries attend to their `k` keys of largest scaled score among the keys
     they may see (causal, padding and sliding-window masks applied first), plus the always-kept
-    `sink_tokens` and `local_window` keys.
+    `sink_tokens` and `local_window` keys. The field defaults are plain top-k attention, which
+    every backend supports; `KNNConfig.preset` gives the measured trade-offs (`PRESETS`).
     """
 
     k: int | str = field(
@@ -120,6 +148,13 @@ class KNNConfig:
             "those whose `layer_types` entry is not sliding, chunked or windowed; a config without "
             "`layer_types` has no global layer if it sets `sliding_window` (it applies to every layer) "
             "and is all global otherwise."
+        },
+    )
+    layer_k: Mapping[int, int | str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-layer k, {layer index: k}, overriding `k` in those layers: a layer whose "
+            "attention is flat (often the first) needs more keys than the others."
         },
     )
     sink_tokens: int = field(
@@ -145,8 +180,11 @@ class KNNConfig:
     )
 
     def __post_init__(self) -> None:
+        from .registry import validate_backend  # late: the registry imports this module
+
         object.__setattr__(self, "k", _validate_k(self.k))
         object.__setattr__(self, "layers", _validate_layers(self.layers))
+        object.__setattr__(self, "layer_k", _validate_layer_k(self.layer_k))
         for name in ("sink_tokens", "local_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -156,15 +194,21 @@ class KNNConfig:
         if not isinstance(self.backend_options, Mapping):
             raise ValueError(f"KNNConfig.backend_options={self.backend_options!r} is invalid: use a dict.")
         object.__setattr__(self, "backend_options", dict(self.backend_options))
-        from .registry import validate_backend  # late: the registry imports this module
-
         validate_backend(
             self.backend, self.backend_options, sinks_or_window=bool(self.sink_tokens or self.local_window)
         )
 
-    def resolve_k(self, n: int) -> int:
-        """Keys per query for a call with `n` keys."""
-        return resolve_k(self.k, n)
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> KNNConfig:
+        """A named trade-off of `PRESETS`: "fast", "balanced" (what `patch(model)` takes) or
+        "accurate"; `changes` override its fields."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **changes})
+
+    def resolve_k(self, n: int, layer_idx: int | None = None) -> int:
+        """Keys per query for a call with `n` keys in layer `layer_idx` (its `layer_k`, else `k`)."""
+        return resolve_k(self.layer_k.get(layer_idx, self.k) if layer_idx is not None else self.k, n)
 
     def uses_layer(self, layer_idx: int, model_config: Any = None) -> bool:
         """Whether layer `layer_idx` is made kNN; `layers="global"` needs the model's config to tell."""
@@ -185,7 +229,11 @@ class KNNConfig:
             if f.metadata.get("runtime"):
                 continue
             value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+            if isinstance(value, tuple):
+                value = list(value)
+            elif f.name == "layer_k":
+                value = {str(layer): k for layer, k in value.items()}  # JSON object keys are strings
+            out[f.name] = value
         out["knn_patch_version"] = __version__
         return out
 

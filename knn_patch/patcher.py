@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.utils import logging
 
-from .config import KNNConfig
+from .config import DEFAULT_PRESET, KNNConfig
 from .loading import load_model
 from .registry import get_backend, install
 
@@ -108,16 +108,24 @@ def _check_model(model: Any) -> list[tuple[int, torch.nn.Module]]:
     return modules
 
 
-def patch(model: PreTrainedModel, config: KNNConfig | None = None, /, **overrides: Any) -> PreTrainedModel:
+def patch(
+    model: PreTrainedModel, config: KNNConfig | str | None = None, /, **overrides: Any
+) -> PreTrainedModel:
     """Make `model`'s attention kNN attention, **in place**, and return it.
 
-    `config` (or `KNNConfig(**overrides)`, or `config` with `overrides` applied) decides k, the
+    `config` (a `KNNConfig` or a preset name: "fast", "balanced", "accurate"; or
+    `KNNConfig(**overrides)`, or `config` with `overrides` applied; with neither, the "balanced"
+    preset) decides k, the
     backend and the layers (`layers="global"` is resolved here from `model.config`, so hybrid models
     keep their sliding-window layers dense); `knn_patch.unpatch` reverses it. Patching a patched
     model replaces its kNN config; `unpatch` still restores the implementation from before the first
     patch. A peft `PeftModel` is accepted: its base model is patched.
     """
     wrapper, model = model, _base_model(model)
+    if config is None and not overrides:
+        config = DEFAULT_PRESET
+    if isinstance(config, str):
+        config = KNNConfig.preset(config)
     config = (
         KNNConfig(**overrides) if config is None else config.replace(**overrides) if overrides else config
     )
@@ -129,6 +137,10 @@ def patch(model: PreTrainedModel, config: KNNConfig | None = None, /, **override
         raise ValueError(
             f"KNNConfig.layers={list(config.layers)} is out of range: this model has "
             f"layers 0..{n_layers - 1}."
+        )
+    if config.layer_k and max(config.layer_k) >= n_layers:
+        raise ValueError(
+            f"KNNConfig.layer_k names layer {max(config.layer_k)}: this model has layers 0..{n_layers - 1}."
         )
     text_config = model.config.get_text_config(decoder=True)  # multimodal models nest layer_types here
     chosen = {i for i, _ in modules if config.uses_layer(i, text_config)}
@@ -188,7 +200,7 @@ def get_config(model: torch.nn.Module) -> KNNConfig | None:
 
 @contextlib.contextmanager
 def patched(
-    model: PreTrainedModel, config: KNNConfig | None = None, /, **overrides: Any
+    model: PreTrainedModel, config: KNNConfig | str | None = None, /, **overrides: Any
 ) -> Iterator[PreTrainedModel]:
     """Temporarily patch `model`; on exit restore exactly the state before (dense, or its old kNN config)."""
     before = get_config(model)

@@ -2,12 +2,15 @@
 
 import copy
 import dataclasses
+import json
 import math
 import pickle
 
 import pytest
+from tiny_models import tiny_model
 from transformers import AutoConfig
 
+import knn_patch
 from knn_patch import KNNConfig, resolve_k
 from knn_patch.config import is_global_layer
 
@@ -30,6 +33,10 @@ from knn_patch.config import is_global_layer
         ({"local_window": 1.5}, "local_window"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"backend_options": {"m": 3}}, "backend_options"),
+        ({"backend_options": {"rest": "sum"}}, "rest"),
+        ({"layer_k": {-1: 4}}, "layer_k"),
+        ({"layer_k": {0: 0}}, "layer_k"),
+        ({"layer_k": [4]}, "layer_k"),
     ],
 )
 def test_bad_values_raise_naming_the_field(kwargs, field):
@@ -120,6 +127,30 @@ def test_round_trips():
     assert config.to_dict()["layers"] == "global"
     assert KNNConfig.from_dict(config.to_dict()) == config
     assert copy.deepcopy(config) == config and pickle.loads(pickle.dumps(config)) == config
+
+
+def test_layer_k_overrides_k_in_its_layers_and_survives_json():
+    config = KNNConfig(k=16, layer_k={0: 256, 3: "sqrt"})
+    assert [config.resolve_k(1024, layer) for layer in (0, 1, 3)] == [256, 16, 32]
+    assert config.resolve_k(1024) == 16
+    saved = json.loads(json.dumps(config.to_dict()))  # config.json turns the layer keys into strings
+    assert KNNConfig.from_dict(saved) == config
+
+
+def test_presets_are_configs_and_patch_without_settings_takes_balanced():
+    assert KNNConfig.preset("fast", k=8).k == 8
+    assert KNNConfig.preset("balanced").backend_options == {"rest": "mean"}
+    with pytest.raises(ValueError, match="choose from"):
+        KNNConfig.preset("quick")
+    model = knn_patch.patch(tiny_model("llama"))
+    assert knn_patch.get_config(model) == KNNConfig.preset("balanced")
+    assert knn_patch.get_config(knn_patch.patch(model, "fast")) == KNNConfig.preset("fast")
+    assert knn_patch.get_config(knn_patch.patch(model, k=4)) == KNNConfig(k=4), "settings given: no preset"
+
+
+def test_configs_saved_before_layer_k_load_as_they_were():
+    old = {"k": 32, "backend": "topk", "backend_options": {}, "sink_tokens": 0, "knn_patch_version": "0.1.0"}
+    assert KNNConfig.from_dict(old) == KNNConfig(k=32)
 
 
 def test_from_dict_rejects_unknown_keys():

@@ -110,6 +110,25 @@ def test_bad_settings_raise_before_touching_the_model(bad):
 def test_layer_out_of_range():
     with pytest.raises(ValueError, match=r"layers 0\.\.1"):
         knn_patch.patch(tiny_model("llama"), k=2, layers=[5])
+    with pytest.raises(ValueError, match=r"layer_k names layer 5: this model has layers 0\.\.1"):
+        knn_patch.patch(tiny_model("llama"), k=2, layer_k={5: 8})
+
+
+def test_layer_k_gives_its_layer_more_keys():
+    """k = 1 everywhere but layer 0 at k >= n: layer 0 is then dense, so it matches a model whose
+    layer 1 alone is kNN with k = 1."""
+    ids = torch.arange(3, 23)[None]
+    model = tiny_model("llama")
+    plain = knn_patch.KNNConfig(k=1, sink_tokens=0, local_window=0, layer_k={})
+    with torch.no_grad():
+        knn_patch.patch(model, plain, layer_k={0: 100})
+        per_layer = model(ids).logits
+        knn_patch.patch(model, plain, layers=[1])
+        only_second = model(ids).logits
+        knn_patch.patch(model, plain)
+        everywhere = model(ids).logits
+    torch.testing.assert_close(per_layer, only_second, rtol=0, atol=1e-5)
+    assert (per_layer - everywhere).abs().max() > 1e-3
 
 
 class OwnAttentionConfig(PretrainedConfig):

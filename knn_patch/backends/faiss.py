@@ -57,7 +57,7 @@ def faiss_attention_forward(
         key,
         value,
         attention_mask,
-        k=knn_config.resolve_k(key.shape[2]),
+        k=knn_config.resolve_k(key.shape[2], getattr(module, "layer_idx", None)),
         options=options,
         scale=scaling,
         sink_tokens=knn_config.sink_tokens,

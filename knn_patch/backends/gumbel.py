@@ -84,7 +84,7 @@ def gumbel_attention_forward(
     if dropout > 0:
         logger.warning_once("knn_patch: backend 'gumbel' ignores attention dropout (sampling is its noise).")
     options = {**DEFAULTS, **knn_config.backend_options}
-    k = knn_config.resolve_k(key.shape[2])
+    k = knn_config.resolve_k(key.shape[2], getattr(module, "layer_idx", None))
     if k >= key.shape[2]:
         logger.warning_once("knn_patch: gumbel with k >= n keys returns exact attention (no tail to sample).")
     out = gumbel_attention(

@@ -57,7 +57,7 @@ def tail_attention_forward(
         key,
         value,
         attention_mask,
-        k=knn_config.resolve_k(key.shape[2]),
+        k=knn_config.resolve_k(key.shape[2], getattr(module, "layer_idx", None)),
         m=options["m"],
         scale=scaling,
         is_causal=kwargs.get("is_causal", getattr(module, "is_causal", True)),
