@@ -30,7 +30,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import KNNConfig
+from .config import KNNConfig, is_global_layer
 from .io import atomic_write, write_json_atomic
 from .patcher import get_config, patch, unpatch
 from .perplexity import window_nll, windows
@@ -70,25 +70,43 @@ def setting_name(config: KNNConfig | None) -> str:
     return DENSE if config is None else _label(config.to_dict())
 
 
-def keys_read(config: KNNConfig | None, n: int) -> int:
-    """Keys one query reads when it may see `n`: all n (dense), else its sinks, local window and k
-    nearest, plus `tail`'s m sampled keys; at most n. The keys' share is the attention budget that
-    settings are compared at (k = 32 with 4 sinks and a 64-key window reads 100 keys, 1.2% at 8k)."""
-    if config is None:
-        return n
-    return _keys_read(config.to_dict(), config.resolve_k(n), n)
+def keys_read(config: KNNConfig | None, n: int, model_config: Any = None) -> float:
+    """Keys a query at position `n` reads: everything it attends to.
+
+    A kNN layer reads its sinks, local window and k nearest (its `layer_k`), plus `tail`'s m
+    samples, plus 1 for `topk`'s mean of the rest (one value-sized aggregate), never more than it
+    sees. Without `model_config`, one kNN layer's count (k = 32, 4 sinks and a 64-key window read
+    100 keys, 1.2% at 8k). With it, the mean over the model's layers, where a layer left dense reads
+    all it sees: n, or its sliding window. The share of n is the budget settings are compared at.
+    """
+    if model_config is None:
+        return n if config is None else _keys_read(config.to_dict(), config.resolve_k(n), n)
+    model_config = model_config.get_text_config()
+    counts = []
+    for layer in range(model_config.num_hidden_layers):
+        window = (
+            None if is_global_layer(model_config, layer) else getattr(model_config, "sliding_window", None)
+        )
+        seen = n if window is None else min(n, window)
+        if config is None or not config.uses_layer(layer, model_config):
+            counts.append(seen)
+        else:
+            counts.append(_keys_read(config.to_dict(), config.resolve_k(n, layer), seen))
+    return sum(counts) / len(counts)
 
 
 def _keys_read(config: Mapping[str, Any], k: int, n: int) -> int:
-    """`keys_read` from a config's saved form and its k resolved at n."""
+    """One kNN layer's `keys_read` from a config's saved form, its k resolved, and the n keys it sees."""
     from .backends.tail import DEFAULTS as TAIL_DEFAULTS  # late: importing a backend registers it
+    from .backends.topk import DEFAULTS as TOPK_DEFAULTS
 
-    sampled = (
-        (config.get("backend_options") or {}).get("m", TAIL_DEFAULTS["m"])
-        if config["backend"] == "tail"
-        else 0
-    )
-    return min(n, config.get("sink_tokens", 0) + config.get("local_window", 0) + k + sampled)
+    options = config.get("backend_options") or {}
+    extra = 0
+    if config["backend"] == "tail":
+        extra = options.get("m", TAIL_DEFAULTS["m"])
+    elif config["backend"] == "topk" and options.get("rest", TOPK_DEFAULTS["rest"]) == "mean":
+        extra = 1
+    return min(n, config.get("sink_tokens", 0) + config.get("local_window", 0) + k + extra)
 
 
 MODES = ("sliding", "decode")
@@ -227,14 +245,14 @@ def evaluate_perplexity(
                     bar.update(1)
                 per_doc.append({"index": index, "name": doc_name, "tokens": count, "nll": nll})
                 if on_document is not None:
-                    on_document(_result(per_doc, seconds, prefill_seconds, configs, settings))
+                    on_document(_result(per_doc, seconds, prefill_seconds, configs, settings, model.config))
     finally:
         _use(model, before)
     if world > 1:
         per_doc = sorted(gather_object(per_doc), key=lambda d: d["index"])
         seconds = {name: sum(s[name] for s in gather_object([seconds])) for name in names}
         prefill_seconds = sum(gather_object([prefill_seconds]))
-    return _result(per_doc, seconds, prefill_seconds, configs, settings)
+    return _result(per_doc, seconds, prefill_seconds, configs, settings, model.config)
 
 
 def _check_resume(
@@ -268,6 +286,7 @@ def _result(
     prefill_seconds: float,
     configs: Sequence[KNNConfig],
     settings: dict[str, Any],
+    model_config: Any,
 ) -> dict[str, Any]:
     """The result dict of `evaluate_perplexity` over the documents in `per_doc`."""
     tokens = sum(d["tokens"] for d in per_doc)
@@ -285,18 +304,15 @@ def _result(
     n = settings["max_length"]
     return {
         "settings": [
-            {"name": DENSE, "config": None, "keys_read_at_max_length": n, "keys_percent_at_max_length": 100.0}
-        ]
-        + [
             {
                 "name": setting_name(c),
-                "config": c.to_dict(),
-                "k_at_max_length": c.resolve_k(n),
-                # everything a query reads (sinks, window, k nearest, samples): the attention budget
-                "keys_read_at_max_length": keys_read(c, n),
-                "keys_percent_at_max_length": 100 * keys_read(c, n) / n,
+                "config": None if c is None else c.to_dict(),
+                **({} if c is None else {"k_at_max_length": c.resolve_k(n)}),
+                # everything a query reads, averaged over layers: the attention budget
+                "keys_read_at_max_length": keys_read(c, n, model_config),
+                "keys_percent_at_max_length": 100 * keys_read(c, n, model_config) / n,
             }
-            for c in configs
+            for c in [None, *configs]
         ],
         **settings,
         "shared_prefill_seconds": prefill_seconds,
@@ -354,13 +370,19 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _keys_columns(setting: dict[str, Any], n: int) -> tuple[str, str]:
-    """Keys read and their % of `n`; results saved before keys were recorded get them from the config."""
+def _keys(setting: dict[str, Any], n: int) -> float:
+    """Keys read at `n`; results saved before keys were recorded get them from the config."""
     keys = setting.get("keys_read_at_max_length")
     if keys is None:
         config, k = setting["config"], setting.get("k_at_max_length")
         keys = n if config is None else _keys_read(config, k, n)
-    return str(keys), f"{100 * keys / n:.1f}"
+    return keys
+
+
+def _keys_columns(setting: dict[str, Any], n: int) -> tuple[str, str]:
+    """Keys read (a mean over layers may be fractional) and their % of `n`."""
+    keys = _keys(setting, n)
+    return f"{keys:.0f}" if keys >= 10 else f"{keys:.1f}", f"{100 * keys / n:.1f}"
 
 
 def print_report(result: dict[str, Any], title: str, console: Console | None = None) -> None:
@@ -436,7 +458,7 @@ def write_report(result: dict[str, Any], out_dir: str | Path, name: str = "perpl
     curves: dict[str, list[tuple[int, float]]] = {}
     for s in result["settings"]:
         if s["config"]:
-            keys = int(_keys_columns(s, n)[0])
+            keys = _keys(s, n)
             curves.setdefault(_label(s["config"], with_k=False), []).append(
                 (keys, totals[s["name"]]["ratio_to_dense"])
             )

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import transformers
 from rich.console import Console
 from tiny_models import tiny_model
 
@@ -203,6 +204,21 @@ def test_keys_read_counts_sinks_window_k_and_samples():
     assert keys_read(KNNConfig(k="sqrt", sink_tokens=4), 1024) == 32 + 4
     assert keys_read(KNNConfig(k=16, backend="tail", backend_options={"m": 8}), 1024) == 24
     assert keys_read(KNNConfig(k=16, backend="tail"), 1024) == 16 + 32  # the default m
+    assert keys_read(config.replace(backend_options={"rest": "mean"}), 8192) == 101, "the rest's mean is one"
+
+
+def test_keys_read_with_a_model_config_averages_its_layers():
+    """Dense layers read all they see (a sliding layer its window); kNN layers their own k."""
+    cfg = transformers.Gemma3TextConfig(
+        num_hidden_layers=4, sliding_window=100, layer_types=["sliding_attention"] * 3 + ["full_attention"]
+    )
+    assert keys_read(None, 1000, cfg) == (3 * 100 + 1000) / 4
+    config = KNNConfig(k=8, sink_tokens=2, layer_k={0: 40})
+    assert keys_read(config, 1000, cfg) == (40 + 2 + 3 * (8 + 2)) / 4
+    assert keys_read(config.replace(layers="global"), 1000, cfg) == (3 * 100 + 8 + 2) / 4
+    assert keys_read(config.replace(k=500), 1000, cfg) == (42 + 100 + 100 + 502) / 4, (
+        "a layer reads what it sees"
+    )
 
 
 def test_the_report_counts_every_key_a_query_reads(docs, tmp_path):
@@ -216,7 +232,7 @@ def test_the_report_counts_every_key_a_query_reads(docs, tmp_path):
     console = Console(record=True, width=140)
     print_report(result, "tiny", console=console)
     row = next(line for line in console.export_text().splitlines() if line.strip().startswith("topk"))
-    assert row.split()[4:7] == ["2", "5", "31.2"]  # k, keys, keys %
+    assert row.split()[4:7] == ["2", "5.0", "31.2"]  # k, keys, keys %
     saved = json.loads(write_report(result, tmp_path)["json"].read_text())
     assert saved["settings"][1]["keys_read_at_max_length"] == 5
     del saved["settings"][1]["keys_read_at_max_length"]  # a result saved before keys were recorded
