@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -18,12 +19,13 @@ from .registry import registered_backend
 
 def capture_activations(
     model: torch.nn.Module, input_ids: torch.Tensor, layers: Iterable[int] | None = None
-) -> dict[int, dict[str, torch.Tensor]]:
+) -> dict[int, dict[str, Any]]:
     """layer index -> {"q", "k", "v"}, fp32 copies (B, H, L, D; after RoPE, before the GQA repeat),
-    for `layers` (all by default). Recorded layers attend densely (SDPA), so every layer sees the
-    dense model's activations. Pass a base model (`model.model`) to skip the LM head and, when
-    `layers` are given, the decoder layers after the last of them."""
-    captured: dict[int, dict[str, torch.Tensor]] = {}
+    and "scale", the layer's score scaling, for `layers` (all by default). Recorded layers attend
+    densely (SDPA), so every layer sees the dense model's activations. Pass a base model
+    (`model.model`) to skip the LM head and, when `layers` are given, the decoder layers after the
+    last of them."""
+    captured: dict[int, dict[str, Any]] = {}
 
     def capture(
         module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, knn_config, **kwargs
@@ -32,6 +34,7 @@ def capture_activations(
             name: t.detach().to(torch.float32, copy=True)
             for name, t in (("q", query), ("k", key), ("v", value))
         }
+        captured[module.layer_idx]["scale"] = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )

@@ -8,7 +8,8 @@
    the fitted log-log slope (about -1/2 for a Monte Carlo estimator);
 4. quality: perplexity relative to dense at equal key budgets (`knn_patch.evaluation`).
 
-Equal key budgets: a budget of b keys per query is `topk` with k = b, `tail` with k = m = b/2,
+Equal key budgets: a budget of b keys per query is `topk` with k = b (`topk+mean` with k = b - 1
+and the rest's exact mass on its values' mean, `topk_attention`'s `rest_mean`), `tail` with k = m = b/2,
 `gumbel` with k = samples = b/2 (the values it reads), and sinks + window + topk with 4 sinks, a
 window of b/4 and k = b - 4 - b/4.
 """
@@ -27,7 +28,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from .activations import capture_activations
-from .config import KNNConfig
+from .config import KNNConfig, is_global_layer
 from .evaluation import evaluate_perplexity
 from .io import atomic_write, write_json_atomic
 from .kernels.gumbel import gumbel_attention
@@ -35,33 +36,50 @@ from .kernels.sampling import exact_attention, group_mask
 from .kernels.tail import tail_attention
 from .kernels.topk import topk_attention
 
-ESTIMATORS = ("topk", "tail", "gumbel")
+ESTIMATORS = ("topk", "topk+mean", "tail", "gumbel")
 
 
 def estimate(
-    method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: int, seed: int, mask=None
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    budget: int,
+    seed: int,
+    mask=None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """One estimator at a key budget (see the module docstring): (B, Hq, L, D) -> (B, Hq, L, Dv)."""
     gen = torch.Generator().manual_seed(seed)
     half = max(1, budget // 2)
     if method == "topk":
-        return topk_attention(q, k, v, mask, k=budget)[0]
+        return topk_attention(q, k, v, mask, k=budget, scale=scale)[0]
+    if method == "topk+mean":
+        return topk_attention(q, k, v, mask, k=max(1, budget - 1), scale=scale, rest_mean=True)[0]
     if method == "tail":
-        return tail_attention(q, k, v, mask, k=half, m=budget - half, generator=gen)
+        return tail_attention(q, k, v, mask, k=half, m=budget - half, scale=scale, generator=gen)
     if method == "gumbel":
-        return gumbel_attention(q, k, v, mask, k=half, samples=max(2, budget - half), generator=gen)
+        return gumbel_attention(
+            q, k, v, mask, k=half, samples=max(2, budget - half), scale=scale, generator=gen
+        )
     raise ValueError(f"unknown estimator {method!r}; use one of {ESTIMATORS}")
 
 
 def exact(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, softcap: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask=None,
+    softcap: float | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Dense causal softmax attention, (B, Hq, L, D) layout: the reference of every estimator."""
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
     m = group_mask(mask, hq, hkv, lq, k.shape[2])
+    scale = d**-0.5 if scale is None else scale
     out = exact_attention(
-        q.view(b, hkv, hq // hkv, lq, d), k, v, m, causal=True, scale=d**-0.5, softcap=softcap
+        q.view(b, hkv, hq // hkv, lq, d), k, v, m, causal=True, scale=scale, softcap=softcap
     )
     return out.reshape(b, hq, lq, -1)
 
@@ -75,7 +93,7 @@ def synthetic_errors(
     bounds: Sequence[float] = (10, 30, 50),
     ks: Sequence[int] = (2, 3, 5, 6, 31, 64, 128),
     seeds: int = 4,
-    methods: Sequence[str] = ESTIMATORS,
+    methods: Sequence[str] = ("topk", "tail", "gumbel"),
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Mean absolute error against exact attention, averaged over seeds: one row per (B, k, method).
@@ -108,29 +126,40 @@ def activation_errors(
     seed: int = 0,
     layer_stride: int = 1,
     progress: bool = True,
+    model_config: Any = None,
 ) -> list[dict[str, Any]]:
     """Per layer (every `layer_stride`-th, and the last) and budget: the top-k softmax mass share
-    (mean over queries and heads) and each estimator's relative error ||o_hat - o|| / ||o||."""
+    (mean over queries and heads) and each estimator's relative error ||o_hat - o|| / ||o||.
+
+    Each layer uses its own score scaling and, given `model_config`, its sliding window where it
+    has one; the rows say whether the layer is global."""
     rows = []
     chosen = sorted(set(range(0, len(layers), layer_stride)) | {len(layers) - 1})
     for layer in tqdm(chosen, desc="layers", disable=not progress):
         act = layers[layer]
         q, k, v = act["q"], act["k"], act["v"]
         _, hq, n, d = q.shape
-        ref = exact(q, k, v)
+        scale = act.get("scale", d**-0.5)
+        visible = torch.ones(n, n, dtype=torch.bool).tril()
+        is_global = model_config is None or is_global_layer(model_config, layer)
+        if not is_global:
+            visible &= ~torch.ones(n, n, dtype=torch.bool).tril(-model_config.sliding_window)
+        mask = None if is_global else visible.view(1, 1, n, n)
+        ref = exact(q, k, v, mask, scale=scale)
         # softmax probabilities, (B, Hq, n, n): small enough at the report's lengths
         g = hq // k.shape[1]
-        s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * d**-0.5
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+        s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * scale
+        s = s.masked_fill(~visible, -math.inf)
         p_sorted = torch.softmax(s, -1).sort(-1, descending=True).values.cumsum(-1)
         for budget in budgets:
             row = {
                 "layer": layer,
+                "global": is_global,
                 "budget": budget,
                 "topk_mass": float(p_sorted[..., min(budget, n) - 1].mean()),
             }
             for method in methods:
-                out = estimate(method, q, k, v, budget, seed)
+                out = estimate(method, q, k, v, budget, seed, mask, scale)
                 row[f"{method}_error"] = float((out - ref).norm() / ref.norm())
             rows.append(row)
     return rows
@@ -403,10 +432,12 @@ def run_report(
     *,
     parts: Sequence[str] = PARTS,
     size: str = "default",
+    tokens: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the chosen parts at `size` ("default" or "quick"). Parts 2 and 4 need a model and one
-    (name, token ids) document, cut to the size's token count; each part records its seconds."""
+    (name, token ids) document, cut to the size's token count (or `tokens` for part 2: longer than a
+    sliding window to see it); each part records its seconds."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"Unknown report parts {unknown}; choose from {list(PARTS)}.")
@@ -421,11 +452,16 @@ def run_report(
         report["synthetic"] = {"rows": rows, "seconds": sec}
     if "activations" in parts:
         name, ids = document
-        ids = torch.as_tensor(list(ids)[: cfg["activations"]["tokens"]]).unsqueeze(0)
+        ids = torch.as_tensor(list(ids)[: tokens or cfg["activations"]["tokens"]]).unsqueeze(0)
         stride = cfg["activations"]["layer_stride"]
         layers = capture_activations(model, ids)
         rows, sec = timed(
-            activation_errors, layers, cfg["activations"]["budgets"], layer_stride=stride, progress=progress
+            activation_errors,
+            layers,
+            cfg["activations"]["budgets"],
+            layer_stride=stride,
+            progress=progress,
+            model_config=model.config.get_text_config(),
         )
         report["activations"] = {"rows": rows, "seconds": sec, "document": name, "tokens": ids.shape[1]}
     if "gradients" in parts:

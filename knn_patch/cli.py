@@ -1,11 +1,13 @@
-"""`knn-patch` command line: `demo`, `eval` (dense against kNN perplexity), `needle` (retrieval),
-`report`, `finetune`, `approx` (how well the estimators approximate attention), `bench` (`bench
-generate`: whole-model generation), `faiss-bench`, `prepare`."""
+"""`knn-patch` command line: `demo`, `eval` (dense against kNN perplexity), `frontier` (perplexity
+against the share of keys read, per method), `needle` (retrieval), `report`, `finetune`, `approx`
+(how well the estimators approximate attention), `bench` (`bench generate`: whole-model
+generation), `faiss-bench`, `prepare`."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +24,7 @@ from .data import load_documents, tokenize_documents
 from .evaluation import ensure_writable, environment, evaluate_perplexity, print_report, write_report
 from .io import write_json_atomic
 from .kernels.select import extension_available
-from .loading import load_default, load_model, load_tokenizer
+from .loading import load_model, load_tokenizer
 from .patcher import UnsupportedModelError
 from .training import add_arguments as add_finetune_arguments
 from .training import run_from_args as finetune
@@ -119,7 +121,54 @@ def report(args: argparse.Namespace) -> None:
         )
         return
     done = " (partial: the documents finished so far)" if partial else ""
+    if "rows" in result:  # a frontier run
+        from .frontier import print_frontier
+
+        print_frontier(
+            result, f"{args.result}: {len(result['documents'])} windows of {result['max_length']}{done}"
+        )
+        return
     print_report(result, f"{args.result}: {len(result['documents'])} documents, {result['mode']}{done}")
+
+
+def frontier(args: argparse.Namespace) -> dict:
+    """Perplexity relative to dense against the share of keys read, for each method at each budget,
+    beside dense on the same windows: a table, frontier.json and frontier.png."""
+    from .frontier import METHODS, print_frontier, run_frontier, write_frontier
+
+    out = ensure_writable(args.out)  # fail before the long work, not after it
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown --methods {unknown}; choose from {', '.join(METHODS)}.")
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    docs = load_documents(
+        args.dataset,
+        config=args.dataset_config,
+        split=args.split,
+        column=args.column,
+        name_column=args.name_column,
+    )
+    docs, skipped = tokenize_documents(
+        docs, tokenizer, min_tokens=args.max_length, max_tokens=args.max_length, join_to=args.join_to
+    )
+    docs = docs.select(range(min(args.max_docs, len(docs))))
+    partial, resume_from = _partial(out / "frontier.partial.json", args.resume)
+    result = run_frontier(
+        model,
+        list(zip(docs["name"], docs["input_ids"], strict=True)),
+        max_length=args.max_length,
+        budgets=args.budgets,
+        methods=args.methods,
+        on_document=_saver(partial, args),
+        resume_from=resume_from,
+    )
+    result.update(skipped_documents=skipped, args=vars(args), environment=environment())
+    model_name = "embedded SmolLM2-135M-Instruct" if args.model == "default" else args.model
+    title = f"{model_name} on {args.dataset}: {len(docs)} windows of {args.max_length} tokens"
+    print_frontier(result, title)
+    paths = write_frontier(result, out, title)
+    _finished(partial, out, paths)
+    return result
 
 
 def needle(args: argparse.Namespace) -> dict:
@@ -190,10 +239,10 @@ def approx(args: argparse.Namespace) -> dict:
     parts = [p.strip() for p in args.parts.split(",")]
     model = document = None
     if {"activations", "quality"} & set(parts):
-        model, tokenizer = load_default()
+        model, tokenizer = load_model(args.model), load_tokenizer(args.model)
         tokens = max(approximation.SIZES[args.size][p]["tokens"] for p in ("activations", "quality"))
-        document = _long_document(tokenizer, tokens)
-    report = approximation.run_report(model, document, parts=parts, size=args.size)
+        document = _long_document(tokenizer, max(tokens, args.tokens or 0))
+    report = approximation.run_report(model, document, parts=parts, size=args.size, tokens=args.tokens)
     report.update(command="knn-patch " + " ".join(sys.argv[1:]), args=vars(args), environment=environment())
     approximation.print_tables(report)
     paths = approximation.write_outputs(report, out)
@@ -289,6 +338,12 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _field_help(name: str) -> str:
+    """A `KNNConfig` field's help, the single source of what it means and defaults to."""
+    help_ = next(f for f in dataclasses.fields(KNNConfig) if f.name == name).metadata["help"]
+    return help_.replace("%", "%%")  # argparse formats help with %
+
+
 def _settings_arguments(p: argparse.ArgumentParser, *, k: str) -> None:
     """The kNN settings run beside dense, shared by `eval` and `needle`: `--k` values with one
     backend, sinks, window and layers, or a `--settings` YAML file."""
@@ -301,8 +356,8 @@ def _settings_arguments(p: argparse.ArgumentParser, *, k: str) -> None:
         help="the backend's options as a JSON object, e.g. "
         '\'{"index": "ivf", "scan_fraction": 0.2}\' for faiss',
     )
-    p.add_argument("--sink-tokens", type=int, default=0)
-    p.add_argument("--local-window", type=int, default=0)
+    p.add_argument("--sink-tokens", type=int, default=None, help=_field_help("sink_tokens"))
+    p.add_argument("--local-window", type=int, default=None, help=_field_help("local_window"))
     p.add_argument(
         "--layers",
         type=_layers,
@@ -375,6 +430,40 @@ def _comma_list(cast: type) -> Callable[[str], tuple]:
             ) from err
 
     return parse
+
+
+def _frontier_arguments(p: argparse.ArgumentParser) -> None:
+    from .frontier import METHODS
+
+    _model_arguments(p)
+    p.add_argument("--max-length", type=int, default=4096, help="window length n: one window per document")
+    p.add_argument(
+        "--max-docs", type=int, default=3, help="the first N documents of at least max-length tokens"
+    )
+    p.add_argument(
+        "--join-to",
+        type=int,
+        default=None,
+        metavar="N",
+        help="join consecutive documents into documents of >= N tokens first (for corpora of short texts)",
+    )
+    p.add_argument(
+        "--budgets",
+        type=_comma_list(float),
+        default=(0.5, 1.0, 2.0, 4.0),
+        help="keys read per query as a share of n, in %%, averaged over layers (comma-separated)",
+    )
+    p.add_argument(
+        "--methods",
+        type=_comma_list(str),
+        default=("topk", "topk+mean", "topk+mean+first", "tail"),
+        help=f"comma-separated, from {', '.join(METHODS)} (see knn_patch.frontier)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue a stopped run from OUT/frontier.partial.json"
+    )
+    p.add_argument("--out", default="outputs/frontier", help="folder for frontier.json and frontier.png")
+    p.set_defaults(func=frontier)
 
 
 def _needle_arguments(p: argparse.ArgumentParser) -> None:
@@ -455,6 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     _eval_arguments(p, max_docs=12, min_tokens=2048, max_tokens=2048, out="outputs/demo")
     p = sub.add_parser("eval", help=eval_.__doc__.splitlines()[0])
     _eval_arguments(p, max_docs=None, min_tokens=2, max_tokens=None, out="outputs/eval")
+    p = sub.add_parser("frontier", help=frontier.__doc__.splitlines()[0])
+    _frontier_arguments(p)
     p = sub.add_parser("needle", help=needle.__doc__)
     _needle_arguments(p)
     p = sub.add_parser("report", help=report.__doc__)
@@ -466,6 +557,13 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("approx", help=approx.__doc__)
     p.add_argument("--parts", default="synthetic,activations,gradients,quality", help="comma-separated")
     p.add_argument("--size", choices=("default", "quick"), default="default", help="quick: a smoke run")
+    p.add_argument("--model", default="default", help="the model of parts 2 and 4 (as for eval)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="part 2's document length (longer than a sliding window to see it)",
+    )
     p.add_argument("--out", default="outputs/approx")
     p.set_defaults(func=approx)
     p = sub.add_parser("prepare", help=prepare.__doc__)

@@ -19,7 +19,8 @@ def test_quick_report_runs_every_part_and_writes_json_and_plots(tmp_path):
     assert set(paths) == {"json", *approximation.PARTS}
     assert all(p.stat().st_size > 0 for p in paths.values())
     saved = json.loads(paths["json"].read_text())
-    assert {r["method"] for r in saved["synthetic"]["rows"]} == set(approximation.ESTIMATORS)
+    assert {r["method"] for r in saved["synthetic"]["rows"]} == {"topk", "tail", "gumbel"}
+    assert all(f"{m}_error" in saved["activations"]["rows"][0] for m in approximation.ESTIMATORS)
     layers = {r["layer"] for r in saved["activations"]["rows"]}
     assert layers == {0, 1}  # the tiny model's two layers
     for r in saved["activations"]["rows"]:
@@ -29,13 +30,23 @@ def test_quick_report_runs_every_part_and_writes_json_and_plots(tmp_path):
     assert not model.config.to_dict().get("knn_attention"), "the model is left unpatched"
 
 
-def test_activation_error_is_zero_when_the_budget_covers_every_key():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_activation_error_is_zero_when_the_budget_covers_every_key(family):
+    """Gemma 3's sliding layers (window 8 of 24 tokens here) are measured under their own window."""
+    model = tiny_model(family)
     layers = capture_activations(model, torch.arange(3, 27).view(1, 24))
-    rows = approximation.activation_errors(layers, budgets=(64,), methods=("topk", "tail"), progress=False)
+    methods = ("topk", "topk+mean", "tail")
+    rows = approximation.activation_errors(
+        layers, budgets=(64,), methods=methods, progress=False, model_config=model.config
+    )
+    assert [r["global"] for r in rows] == ([True, True] if family == "llama" else [False, True])
     for r in rows:
         assert r["topk_mass"] == pytest.approx(1.0)
-        assert r["topk_error"] < 1e-5 and r["tail_error"] < 1e-5
+        assert all(r[f"{m}_error"] < 1e-5 for m in methods)
+    small = approximation.activation_errors(
+        layers, budgets=(4,), methods=methods, progress=False, model_config=model.config
+    )
+    assert all(r["topk_error"] > 1e-3 for r in small), "a budget below the window does cut"
 
 
 def test_capturing_chosen_layers_of_a_base_model_stops_after_the_last_and_restores_it(monkeypatch):

@@ -202,3 +202,19 @@ def test_bad_needle_input_fails_before_any_work(tmp_path, args, match, monkeypat
     monkeypatch.setattr(cli, "load_documents", lambda *a, **k: pytest.fail("the haystack was loaded"))
     with pytest.raises((ValueError, OSError), match=match):
         main(["needle", *args, "--out", str(tmp_path)])
+
+
+def test_frontier_writes_table_json_and_plot_and_report_reads_it(tmp_path, capsys):
+    out = tmp_path / "frontier"
+    main(["frontier", "--max-length", "256", "--max-docs", "2", "--budgets", "10,50",
+          "--methods", "topk,topk+mean+first", "--out", str(out)])  # fmt: skip
+    result = json.loads((out / "frontier.json").read_text())
+    assert [(r["method"], r["budget_percent"]) for r in result["rows"]] == [
+        ("topk", 10), ("topk", 50), ("topk+mean+first", 10), ("topk+mean+first", 50)
+    ]  # fmt: skip
+    assert len(result["documents"]) == 2 and all(d["tokens"] == 255 for d in result["documents"])
+    assert (out / "frontier.png").exists() and not (out / "frontier.partial.json").exists()
+    main(["report", str(out / "frontier.json")])
+    assert "topk+mean+first" in capsys.readouterr().out.split("windows of 256")[-1]
+    with pytest.raises(ValueError, match="choose from"):
+        main(["frontier", "--methods", "nearest", "--out", str(out)])
