@@ -11,7 +11,9 @@ model's layers (`evaluation.keys_read`). Each method turns a budget of b keys in
 - `topk+first`, `topk+mean+first`: as `topk` and `topk+mean`, with layer 0, whose attention is
   the flattest, given k = n^0.67 and the other layers' k lowered to keep the same mean budget;
 - `tail`: b/2 nearest keys and b/2 uniform samples of the others, reweighted (no sinks or window);
-- `faiss`: as `topk`, with the keys found by a faiss index.
+- `faiss`: as `topk`, with the keys found by a faiss index;
+- a preset name (`fast`, `balanced`, `accurate`): that `KNNConfig.preset`, whatever the budget
+  (run once; its row's budget is the share it reads).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .config import KNNConfig, resolve_k
+from .config import PRESETS, KNNConfig, resolve_k
 from .evaluation import DENSE, evaluate_perplexity
 from .io import atomic_write, write_json_atomic
 
-METHODS = ("topk", "topk+first", "topk+mean", "topk+mean+first", "tail", "faiss")
+METHODS = ("topk", "topk+first", "topk+mean", "topk+mean+first", "tail", "faiss", *PRESETS)
 SINKS = 4
 FIRST_LAYER_K = "n^0.67"
 
@@ -38,7 +40,7 @@ FIRST_LAYER_K = "n^0.67"
 def method_config(method: str, budget: int, n: int, model_config: Any) -> KNNConfig | None:
     """`method`'s setting reading `budget` keys per query on average over the layers at n keys, or
     None when the budget is too small for it (every part needs at least one key)."""
-    if method not in METHODS:
+    if method not in METHODS or method in PRESETS:
         raise ValueError(f"Unknown frontier method {method!r}; choose from {list(METHODS)}.")
     if method == "tail":
         half = budget // 2
@@ -66,7 +68,7 @@ def method_config(method: str, budget: int, n: int, model_config: Any) -> KNNCon
 
 def frontier_settings(
     methods: Sequence[str], budgets: Sequence[float], n: int, model_config: Any
-) -> list[tuple[str, float, KNNConfig]]:
+) -> list[tuple[str, float | None, KNNConfig]]:
     """(method, budget %, config) for every method and budget (a share of n, in %) it can meet."""
     if not methods:
         raise ValueError("No frontier methods given; choose from " + ", ".join(METHODS) + ".")
@@ -74,6 +76,9 @@ def frontier_settings(
         raise ValueError(f"Budgets are shares of the keys in %, each in (0, 100]; got {list(budgets)}.")
     out = []
     for method in methods:
+        if method in PRESETS:
+            out.append((method, None, KNNConfig.preset(method)))
+            continue
         for budget in budgets:
             config = method_config(method, round(budget * n / 100), n, model_config)
             if config is not None:
@@ -120,7 +125,9 @@ def run_frontier(
     return summarize(result, settings)
 
 
-def summarize(result: dict[str, Any], settings: Sequence[tuple[str, float, KNNConfig]]) -> dict[str, Any]:
+def summarize(
+    result: dict[str, Any], settings: Sequence[tuple[str, float | None, KNNConfig]]
+) -> dict[str, Any]:
     """`result` with its `rows` and the frontier's `methods` and `budgets`."""
     rows = []
     docs = result["documents"]
@@ -130,7 +137,7 @@ def summarize(result: dict[str, Any], settings: Sequence[tuple[str, float, KNNCo
         rows.append(
             {
                 "method": method,
-                "budget_percent": budget,
+                "budget_percent": setting["keys_percent_at_max_length"] if budget is None else budget,
                 "setting": name,
                 "keys_read": setting["keys_read_at_max_length"],
                 "keys_percent": setting["keys_percent_at_max_length"],
@@ -140,7 +147,7 @@ def summarize(result: dict[str, Any], settings: Sequence[tuple[str, float, KNNCo
             }
         )
     methods = list(dict.fromkeys(m for m, _, _ in settings))
-    budgets = sorted({b for _, b, _ in settings})
+    budgets = sorted({b for _, b, _ in settings if b is not None})
     return {**result, "rows": rows, "methods": methods, "budgets": budgets}
 
 
@@ -160,7 +167,7 @@ def print_frontier(result: dict[str, Any], title: str, console: Console | None =
         spread = row["per_document_ratio"]
         table.add_row(
             row["method"],
-            f"{row['budget_percent']:g}",
+            f"{row['budget_percent']:.3g}",
             f"{row['keys_read']:.0f}",
             f"{row['keys_percent']:.2f}",
             f"{row['ratio_to_dense']:.3f}x",
@@ -192,7 +199,7 @@ def plot_frontier(result: dict[str, Any], path: Path, title: str) -> Path:
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(FormatStrFormatter("%g"))
         axis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
-    ax.set_xticks(result["budgets"])
+    ax.set_xticks(result["budgets"] or sorted({round(r["keys_percent"], 2) for r in result["rows"]}))
     top = max(r["ratio_to_dense"] for r in result["rows"])
     ax.set_yticks([t for t in (1.0, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0) if t <= max(top, 1.05) * 1.05])
     ax.set_xlabel(f"keys read per query, % of n = {result['max_length']} (mean over layers)")

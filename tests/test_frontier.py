@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 from tiny_models import tiny_model
 
+from knn_patch.config import PRESETS
 from knn_patch.evaluation import keys_read
 from knn_patch.frontier import (
     METHODS,
@@ -25,7 +26,7 @@ def model():
     return tiny_model("gemma3_text")  # sliding and global layers: keys are counted per layer
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in PRESETS])
 def test_each_method_reads_the_budget_it_is_given(method):
     layer_types = ["sliding_attention", "full_attention"] * 2
     model_config = tiny_model(
@@ -86,3 +87,12 @@ def test_documents_shorter_than_the_window_are_refused(model):
         run_frontier(model, _docs(64, [64, 30]), max_length=64, budgets=[50], progress=False)
     with pytest.raises(ValueError, match="at least one document"):
         run_frontier(model, [], max_length=64, budgets=[50], progress=False)
+
+
+def test_a_preset_runs_once_whatever_the_budgets(model):
+    settings = frontier_settings(["balanced", "topk"], [25, 50], 64, model.config)
+    assert [(m, b) for m, b, _ in settings] == [("balanced", None), ("topk", 25), ("topk", 50)]
+    docs = _docs(64, [64])
+    result = run_frontier(model, docs, max_length=64, budgets=[50], methods=["fast"], progress=False)
+    (row,) = result["rows"]
+    assert row["method"] == "fast" and row["budget_percent"] == row["keys_percent"]
