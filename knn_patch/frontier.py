@@ -201,7 +201,7 @@ def plot_frontier(result: dict[str, Any], path: Path, title: str) -> Path:
         axis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
     ax.set_xticks(result["budgets"] or sorted({round(r["keys_percent"], 2) for r in result["rows"]}))
     top = max(r["ratio_to_dense"] for r in result["rows"])
-    ax.set_yticks([t for t in (1.0, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0) if t <= max(top, 1.05) * 1.05])
+    ax.set_yticks([t for t in (1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0) if t <= max(top, 1.05) * 1.05])
     ax.set_xlabel(f"keys read per query, % of n = {result['max_length']} (mean over layers)")
     ax.set_ylabel("perplexity / dense")
     ax.set_title(title, fontsize=9)
