@@ -356,8 +356,8 @@ def _settings_arguments(p: argparse.ArgumentParser, *, k: str) -> None:
         help="the backend's options as a JSON object, e.g. "
         '\'{"index": "ivf", "scan_fraction": 0.2}\' for faiss',
     )
-    p.add_argument("--sink-tokens", type=int, default=None, help=_field_help("sink_tokens"))
-    p.add_argument("--local-window", type=int, default=None, help=_field_help("local_window"))
+    p.add_argument("--sink-tokens", type=int, default=0, help=_field_help("sink_tokens"))
+    p.add_argument("--local-window", type=int, default=0, help=_field_help("local_window"))
     p.add_argument(
         "--layers",
         type=_layers,
