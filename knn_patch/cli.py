@@ -51,6 +51,32 @@ def _finished(partial: Path, out: Path, paths: dict[str, Path]) -> None:
     print(f"results in {out}/: {', '.join(str(p.relative_to(out)) for p in paths.values())}")
 
 
+def _documents(
+    args: argparse.Namespace,
+    tokenizer,
+    *,
+    min_tokens: int,
+    max_tokens: int | None = None,
+    join_to: int | None = None,
+    max_docs: int | None = None,
+):
+    """The run's documents (`--dataset` and its options), tokenized and cut, the first `max_docs`
+    of them, and the count of those skipped as short."""
+    docs = load_documents(
+        args.dataset,
+        config=args.dataset_config,
+        split=args.split,
+        column=args.column,
+        name_column=args.name_column,
+    )
+    docs, skipped = tokenize_documents(
+        docs, tokenizer, min_tokens=min_tokens, max_tokens=max_tokens, join_to=join_to
+    )
+    if max_docs is not None:
+        docs = docs.select(range(min(max_docs, len(docs))))
+    return docs, skipped
+
+
 def eval_(args: argparse.Namespace) -> dict:
     """Long-context perplexity of a model on a corpus, dense against kNN settings on the same windows.
 
@@ -66,18 +92,14 @@ def eval_(args: argparse.Namespace) -> dict:
     configs = _settings(args)  # bad settings fail here, before the model loads
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of torchrun's
     model, tokenizer = load_model(args.model).to(state.device), load_tokenizer(args.model)
-    docs = load_documents(
-        args.dataset,
-        config=args.dataset_config,
-        split=args.split,
-        column=args.column,
-        name_column=args.name_column,
+    docs, skipped = _documents(
+        args,
+        tokenizer,
+        min_tokens=args.min_tokens,
+        max_tokens=args.max_tokens,
+        join_to=args.join_to,
+        max_docs=args.max_docs,
     )
-    docs, skipped = tokenize_documents(
-        docs, tokenizer, min_tokens=args.min_tokens, max_tokens=args.max_tokens, join_to=args.join_to
-    )
-    if args.max_docs is not None:
-        docs = docs.select(range(min(args.max_docs, len(docs))))
     partial, resume_from = _partial(out / "perplexity.partial.json", args.resume)
     result = evaluate_perplexity(
         model,
@@ -141,17 +163,14 @@ def frontier(args: argparse.Namespace) -> dict:
     if unknown:
         raise ValueError(f"Unknown --methods {unknown}; choose from {', '.join(METHODS)}.")
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    docs = load_documents(
-        args.dataset,
-        config=args.dataset_config,
-        split=args.split,
-        column=args.column,
-        name_column=args.name_column,
+    docs, skipped = _documents(
+        args,
+        tokenizer,
+        min_tokens=args.max_length,
+        max_tokens=args.max_length,
+        join_to=args.join_to,
+        max_docs=args.max_docs,
     )
-    docs, skipped = tokenize_documents(
-        docs, tokenizer, min_tokens=args.max_length, max_tokens=args.max_length, join_to=args.join_to
-    )
-    docs = docs.select(range(min(args.max_docs, len(docs))))
     partial, resume_from = _partial(out / "frontier.partial.json", args.resume)
     result = run_frontier(
         model,
@@ -187,15 +206,8 @@ def needle(args: argparse.Namespace) -> dict:
     model = load_model(args.model).to("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(args.model)
     check_lengths(model, grid)  # before tokenizing the haystacks
-    docs = load_documents(
-        args.dataset,
-        config=args.dataset_config,
-        split=args.split,
-        column=args.column,
-        name_column=args.name_column,
-    )
     need = max(grid.lengths) + 2 * SNAP_TOKENS
-    docs, _ = tokenize_documents(docs, tokenizer, min_tokens=need, join_to=need)
+    docs, _ = _documents(args, tokenizer, min_tokens=need, join_to=need)
     if len(docs) == 0:
         raise ValueError(f"{args.dataset!r} holds fewer than {need} tokens, even joined; lower --lengths.")
     result = run_needle(

@@ -118,6 +118,15 @@ def available_backends() -> list[str]:
     return sorted(set(_BACKENDS) | set(_BUILTIN))
 
 
+def check_option_keys(backend: str, options: Mapping[str, Any], allowed: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the keys of `backend_options` that `backend` does not take."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"KNNConfig.backend_options: unknown keys {unknown} for {backend!r}; allowed {sorted(allowed)}."
+        )
+
+
 def validate_backend(name: str, options: Mapping[str, Any], *, sinks_or_window: bool = False) -> None:
     """Raise ValueError naming the field for an unknown backend, options it rejects, or sinks or a
     local window it does not take."""

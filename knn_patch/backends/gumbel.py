@@ -22,7 +22,7 @@ from transformers.utils import logging
 from ..config import KNNConfig
 from ..kernels.gumbel import gumbel_attention
 from ..kernels.sampling import layer_generator, validate_seed
-from ..registry import register_backend
+from ..registry import check_option_keys, register_backend
 
 logger = logging.get_logger("knn_patch")
 
@@ -31,11 +31,7 @@ DEFAULTS = {"samples": 32, "groups": 1, "exact_backward": False, "seed": 0}
 
 def validate_options(options: Mapping[str, Any]) -> None:
     """Raise ValueError naming the bad key of `backend_options`."""
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"KNNConfig.backend_options: unknown keys {unknown} for 'gumbel'; allowed {sorted(DEFAULTS)}."
-        )
+    check_option_keys("gumbel", options, DEFAULTS)
     opts = {**DEFAULTS, **options}
     for name in ("samples", "groups"):
         v = opts[name]

@@ -16,18 +16,14 @@ import torch
 from ..config import KNNConfig
 from ..kernels.sampling import layer_generator, validate_seed
 from ..kernels.tail import tail_attention
-from ..registry import register_backend
+from ..registry import check_option_keys, register_backend
 
 DEFAULTS = {"m": 32, "seed": 0}
 
 
 def validate_options(options: Mapping[str, Any]) -> None:
     """Raise ValueError naming the bad key of `backend_options`."""
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"KNNConfig.backend_options: unknown keys {unknown} for 'tail'; allowed {sorted(DEFAULTS)}."
-        )
+    check_option_keys("tail", options, DEFAULTS)
     m = options.get("m", DEFAULTS["m"])
     if isinstance(m, bool) or not isinstance(m, int) or m < 0:
         raise ValueError(f"KNNConfig.backend_options['m']={m!r} is invalid for 'tail': use an int >= 0.")

@@ -14,7 +14,7 @@ import torch
 
 from ..config import KNNConfig
 from ..kernels.topk import topk_attention
-from ..registry import register_backend
+from ..registry import check_option_keys, register_backend
 
 DEFAULTS = {"rest": "drop"}
 RESTS = ("drop", "mean")
@@ -22,11 +22,7 @@ RESTS = ("drop", "mean")
 
 def validate_options(options: Mapping[str, Any]) -> None:
     """Raise ValueError naming the bad key of `backend_options`."""
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"KNNConfig.backend_options: unknown keys {unknown} for 'topk'; allowed {sorted(DEFAULTS)}."
-        )
+    check_option_keys("topk", options, DEFAULTS)
     rest = options.get("rest", DEFAULTS["rest"])
     if rest not in RESTS:
         raise ValueError(
