@@ -1,6 +1,7 @@
 # Setup is a side effect of every target: a fresh clone needs only `make demo` or `make test`.
 # `.venv` holds the exact versions of requirements/lock.txt, the ones every published number and CI
 # use; `.venv-latest` holds the newest releases pyproject.toml's ranges allow (`make test-latest`).
+# Both install every extra: `dev` includes `all` (eval and train), so the lock pins all of them.
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed

@@ -23,18 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from tqdm.auto import tqdm
 
 from .activations import capture_activations
+from .bench_faiss import fit_exponent
 from .config import KNNConfig, is_global_layer
 from .evaluation import evaluate_perplexity
+from .extras import pyplot, require
 from .io import atomic_write, write_json_atomic
 from .kernels.gumbel import gumbel_attention
 from .kernels.sampling import exact_attention, group_mask
 from .kernels.tail import tail_attention
 from .kernels.topk import topk_attention
+
+Console = require("rich.console", "approx").Console
+Table = require("rich.table", "approx").Table
 
 ESTIMATORS = ("topk", "topk+mean", "tail", "gumbel")
 
@@ -194,15 +197,10 @@ def gradient_errors(
                 errs[name].append(float((e - tr).norm() / tr.norm()))
         rows.append({"samples": t, **{name: sum(v) / len(v) for name, v in errs.items()}})
     slopes = {
-        name: _slope([r["samples"] for r in rows], [r[name] for r in rows]) for name in ("dq", "dk", "dv")
+        name: fit_exponent([r["samples"] for r in rows], [r[name] for r in rows])
+        for name in ("dq", "dk", "dv")
     }
     return {"rows": rows, "slopes": slopes, "n": n, "heads": heads, "head_dim": head_dim, "k": k}
-
-
-def _slope(x: Sequence[float], y: Sequence[float]) -> float:
-    lx, ly = [math.log(a) for a in x], [math.log(b) for b in y]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
 
 
 # ---------------------------------------------------------------- 4. quality at equal budgets
@@ -308,10 +306,7 @@ def print_tables(report: dict[str, Any], console: Console | None = None) -> None
 
 
 def _save_plot(path: Path, draw: Callable[[Any], None], figsize=(6, 4)) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("approx")
 
     fig = plt.figure(figsize=figsize)
     draw(fig)

