@@ -314,7 +314,7 @@ def test_a_failed_build_for_this_cpu_is_retried_generic_then_left_to_torch(monke
     fails too, selection falls back to torch; each step says so."""
     tried = []
 
-    def build(source, native):
+    def build(sources, native):
         tried.append(native)
         if native or fail_generic:
             raise RuntimeError("cannot build")

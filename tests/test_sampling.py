@@ -1,5 +1,6 @@
-"""The shared sampling math: the lazy Gumbel sampler draws exactly from softmax, the tail sample
-is a uniform subset with inverse-inclusion weights, median of means."""
+"""The shared kernel math: the masked softmax, the grouped mask and row gathers every kernel uses;
+the lazy Gumbel sampler draws exactly from softmax, the tail sample is a uniform subset with
+inverse-inclusion weights, median of means."""
 
 import itertools
 import math
@@ -8,7 +9,16 @@ import pytest
 import torch
 
 from knn_patch.kernels import sampling, select
-from knn_patch.kernels.sampling import lazy_gumbel_sample, median_of_means, rest_mask, tail_sample
+from knn_patch.kernels.sampling import (
+    gather_rows,
+    group_mask,
+    lazy_gumbel_sample,
+    masked_softmax,
+    median_of_means,
+    rest_mask,
+    scatter_rows,
+    tail_sample,
+)
 from knn_patch.kernels.select import extension_available, scores_topk
 
 
@@ -29,6 +39,42 @@ def scores(n=48, masked=(40, 48), seed=0, spread=1.5):
     s = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * spread
     s[masked[0] : masked[1]] = -math.inf  # keys the query may not see
     return s
+
+
+def test_masked_softmax_weighs_kept_finite_entries_and_gives_zeros_to_empty_rows():
+    s = torch.tensor([[1.0, 2.0, -math.inf, 0.5], [-math.inf] * 4, [3.0, 1.0, 2.0, 0.0]])
+    keep = torch.tensor([[True] * 4, [True] * 4, [True, False, True, False]])
+    p = masked_softmax(s, keep)
+    assert torch.allclose(p[0], torch.softmax(s[0], -1))
+    assert torch.equal(p[1], torch.zeros(4))  # a query that sees nothing: zeros, not NaN
+    assert torch.allclose(p[2], torch.tensor([math.e / (math.e + 1), 0.0, 1 / (math.e + 1), 0.0]))
+    assert torch.equal(masked_softmax(s), masked_softmax(s, torch.ones_like(keep)))
+
+
+def test_group_mask_matches_the_grouped_query_layout():
+    b, hq, hkv, lq, lk = 2, 6, 2, 3, 5
+    full = torch.rand(b, hq, lq, lk) > 0.5
+    grouped = group_mask(full, hq, hkv, lq, lk)  # (B, Hkv, G, Lq, Lk)
+    assert torch.equal(grouped.reshape(b, hq, lq, lk), full)
+    shared = group_mask(full[:, :1], hq, hkv, lq, lk)  # one mask for every head
+    assert shared.shape == (b, 1, 1, lq, lk) and torch.equal(shared[:, 0, 0], full[:, 0])
+    assert group_mask(None, hq, hkv, lq, lk) is None
+    with pytest.raises(ValueError, match="boolean"):
+        group_mask(full.float(), hq, hkv, lq, lk)
+    with pytest.raises(ValueError, match="4-D"):
+        group_mask(full[0], hq, hkv, lq, lk)
+
+
+def test_scatter_rows_is_the_adjoint_of_gather_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 4, generator=g)  # (B, Hkv, L, E)
+    pos = torch.randint(7, (2, 3, 2, 5, 6), generator=g)  # (B, Hkv, G, C, t)
+    rows = gather_rows(x, pos)
+    assert torch.equal(rows[1, 2, 0, 3, 4], x[1, 2, pos[1, 2, 0, 3, 4]])
+    y = torch.randn(rows.shape, generator=g)
+    dst = torch.zeros_like(x)
+    scatter_rows(dst, pos, y)  # <gather(x), y> == <x, scatter(y)>
+    assert torch.allclose((rows * y).sum(), (x * dst).sum(), atol=1e-4)
 
 
 @pytest.mark.parametrize("spread", [3.0, 1.0, 0.0])  # peaked, moderate, flat (every tail key a candidate)

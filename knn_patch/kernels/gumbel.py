@@ -38,27 +38,21 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import exact_attention, group_mask, lazy_gumbel_sample, masked_scores, median_of_means
+from .sampling import (
+    exact_attention,
+    gather_rows,
+    group_mask,
+    lazy_gumbel_sample,
+    masked_scores,
+    median_of_means,
+    scatter_rows,
+)
 
 # Elements per chunk: queries x keys in the forward (the sampler bounds its own worst case),
 # queries x samples x D in the backward, walks x columns for dV. Large chunks matter: on a busy
 # CPU every op costs a thread-scheduling delay, so fewer, bigger ops are much faster.
 _SCORE_BUDGET = 1 << 22
 _SAMPLE_BUDGET = 1 << 24
-
-
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, Hkv, Lk, E), idx (B, Hkv, G, C, T) of keys (>= 0) -> (B, Hkv, G, C, T, E)."""
-    b, hkv, lk, e = x.shape
-    flat = idx + (torch.arange(b * hkv, device=x.device) * lk).view(b, hkv, 1, 1, 1)
-    return x.reshape(b * hkv * lk, e).index_select(0, flat.reshape(-1)).view(*idx.shape, e)
-
-
-def _scatter(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
-    """dst (B, Hkv, Lk, E) += src (B, Hkv, G, C, T, E) summed into the rows idx (B, Hkv, G, C, T)."""
-    b, hkv, lk, e = dst.shape
-    flat = idx + (torch.arange(b * hkv, device=dst.device) * lk).view(b, hkv, 1, 1, 1)
-    dst.view(b * hkv * lk, e).index_add_(0, flat.reshape(-1), src.reshape(-1, e))
 
 
 def _random_walk_dv(
@@ -113,7 +107,7 @@ class _GumbelAttention(torch.autograd.Function):
             s = masked_scores(q, key, mask, q0=q0, q1=q1, causal=causal, scale=scale)  # (B, Hkv, G, C, L)
             idx = lazy_gumbel_sample(s.reshape(-1, s.shape[-1]), k, samples, gen).view(*s.shape[:-1], samples)
             draws[:, :, :, q0:q1] = idx
-            v_sel = _gather(value, idx.clamp_min(0))  # (B, Hkv, G, C, T, Dv)
+            v_sel = gather_rows(value, idx.clamp_min(0))  # (B, Hkv, G, C, T, Dv)
             est = median_of_means(v_sel, groups)  # (B, Hkv, G, C, Dv)
             out[:, :, :, q0:q1] = est * (idx[..., :1] >= 0)  # rows that see nothing stay zero
         # the backward's own stream, drawn from the forward's so that a seeded run is reproducible
@@ -134,7 +128,8 @@ class _GumbelAttention(torch.autograd.Function):
             return (*grads, *(None,) * 9)
         b, hkv, g, lq, t = draws.shape
         d, dv = q.shape[-1], value.shape[-1]
-        # contiguous: `_scatter` adds into a flat view, and zeros_like would copy a transposed key's strides
+        # contiguous: `scatter_rows` adds into a flat view, and zeros_like would copy a transposed key's
+        # strides
         dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
         dk = torch.zeros_like(key, memory_format=torch.contiguous_format)
         chunk = max(1, _SAMPLE_BUDGET // max(1, b * hkv * g * t * max(d, dv)))
@@ -143,11 +138,13 @@ class _GumbelAttention(torch.autograd.Function):
             idx = draws[:, :, :, q0:q1]  # (B, Hkv, G, C, T)
             ok = (idx >= 0).to(q.dtype)
             idx = idx.clamp_min(0)
-            w = (_gather(value, idx) @ d_out[:, :, :, q0:q1].unsqueeze(-1)).squeeze(-1)  # (B, Hkv, G, C, T)
+            w = (gather_rows(value, idx) @ d_out[:, :, :, q0:q1].unsqueeze(-1)).squeeze(
+                -1
+            )  # (B, Hkv, G, C, T)
             loo = (w.sum(-1, keepdim=True) - w) / (t - 1)  # mean of the other draws' w
             ds = (w - loo) * ok * (scale / t)  # (B, Hkv, G, C, T)
-            dq[:, :, :, q0:q1] = (ds.unsqueeze(-2) @ _gather(key, idx)).squeeze(-2)
-            _scatter(dk, idx, ds.unsqueeze(-1) * q[:, :, :, q0:q1].unsqueeze(-2))
+            dq[:, :, :, q0:q1] = (ds.unsqueeze(-2) @ gather_rows(key, idx)).squeeze(-2)
+            scatter_rows(dk, idx, ds.unsqueeze(-1) * q[:, :, :, q0:q1].unsqueeze(-2))
         gen = torch.Generator(device=q.device).manual_seed(seed)
         dvv = _random_walk_dv(draws, d_out, key.shape[2], gen)
         return (dq, dk, dvv, *(None,) * 9)

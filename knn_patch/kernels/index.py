@@ -10,14 +10,13 @@ Index types (`index` option):
   centroid inner product, at most `nprobe`, and stops once they hold `scan_fraction` of the keys
   (faiss's `max_codes`, set before each search as the index grows, and at least
   `SCAN_PER_RESULT` keys per result; GPU indexes probe `nprobe` lists). A key budget, not a list
-  count: on SmolLM2's layer-3 keys at 48k tokens, nprobe 32 made one KV head's queries scan ~45%
-  of the keys (its best lists are huge) and another's ~4% (tiny ones), at recall@32 1.00 and
-  0.77. It is trained on the first `39 * nlist` keys (faiss's minimum of 39 training points per
-  list); until that many keys exist, an exact flat index serves the searches. `nlist` defaults
-  to ceil(sqrt(n)) for n keys and is capped at max(1, n // 39); an explicit `nlist` above the cap
-  is lowered, with a warning.
-  Two departures from faiss's IVF, both for how real keys lie (seen on SmolLM2's layer-3 keys at
-  64k tokens; `knn-patch faiss-bench growth --inputs real` times the result):
+  count, because real keys give lists of very unequal sizes: a fixed list count scans far more keys
+  for some heads than for others. It is trained on the first `39 * nlist` keys (faiss's minimum of
+  39 training points per list); until that many keys exist, an exact flat index serves the
+  searches. `nlist` defaults to ceil(sqrt(n)) for n keys and is capped at max(1, n // 39); an
+  explicit `nlist` above the cap is lowered, with a warning.
+  Two departures from faiss's IVF, both for how real keys lie (docs/benchmarks.md, "IVF lists,
+  unlike faiss's"):
   * keys join the list of their nearest centroid in L2 (L2 k-means centroids), while queries still
     probe the lists of their largest centroid inner products. faiss's inner-product assignment sent
     keys to the largest-norm centroids, leaving a few huge lists that most queries probed.
@@ -26,12 +25,11 @@ Index types (`index` option):
     they have grown `retrain_growth` times (None: never) since the last training.
 - "hnsw": `IndexHNSWFlat` over the L2 reduction of inner-product search (each key gets an extra
   coordinate sqrt(R^2 - |k|^2), each query a 0, so the nearest in L2 are the largest in inner
-  product): an HNSW graph built on raw inner products reached recall@32 of only 0.40-0.80 on some
-  SmolLM2 heads at ef_search=64, the reduction 0.99+. R is 1.25x the largest key norm when the index
-  is created (the whole call's keys, or the cache's keys at its first kNN step); a later key above R
-  gets the coordinate 0 (it is then over-retrieved, never lost). `hnsw_m` links per node,
-  `ef_search` search breadth (raised to the number of results when larger), `ef_construction` build
-  breadth.
+  product): HNSW graphs are built for distances, and one on raw inner products searches poorly.
+  R is 1.25x the largest key norm when the index is created (the whole call's keys, or the cache's
+  keys at its first kNN step); a later key above R gets the coordinate 0 (it is then
+  over-retrieved, never lost). `hnsw_m` links per node, `ef_search` search breadth (raised to the
+  number of results when larger), `ef_construction` build breadth.
 
 Searches on CPU with many queries (a full-sequence block) run in the compiled extension instead
 of faiss's search, with the same results: a flat index is scored like the `topk` backend's keys,
@@ -69,9 +67,8 @@ NORM_MARGIN = 1.25  # HNSW's L2 reduction radius over the largest key norm seen 
 # or two, and faiss's own search serves.
 GROUPED_MIN_QUERIES = 8
 # An IVF query scans at least this many keys per result it returns, whatever `scan_fraction`: at
-# short lengths a share of the keys is too few to hold the best k (recall@32 of layers 20 / 29 of
-# SmolLM2 at 4k tokens: 0.86 / 0.89 with 12.5% of the keys alone, 0.99 / 0.98 with this floor;
-# `knn-patch faiss-bench recall --layers 3 10 20 29` at commits 7020b79 and 2d28f36).
+# short lengths a share of the keys is too few to hold the best k (docs/benchmarks.md, "IVF probing
+# by a key budget").
 SCAN_PER_RESULT = 64
 
 # Default options: scan_fraction/ef_search chosen for recall@k >= 0.9 on SmolLM2 activations (see
@@ -84,10 +81,8 @@ DEFAULTS: dict[str, Any] = {
     "ef_search": 64,
     "ef_construction": 40,
     # queries per causal block, scored exactly against their own block: larger blocks score the
-    # newest keys exactly (where most misses were) and make fewer searches and adds. Against 512,
-    # on SmolLM2's layer-3 activations: recall@32 0.934 / 0.945 instead of 0.901 / 0.927 at 32k /
-    # 64k, 3-5% faster from 16k on, 5% slower at 4k (`knn-patch faiss-bench growth --block-size`,
-    # docs/benchmarks.md)
+    # newest keys exactly (where most misses are) and make fewer searches and adds, up to a point
+    # (docs/benchmarks.md compares 512 and 768)
     "block_size": 768,
     "sync_every": 64,  # keys join an index in batches; the newest (< sync_every) are scored exactly
     "retrain_growth": 1.25,  # an IVF retrains when its keys have grown this many times; None: never
@@ -103,8 +98,8 @@ def _openblas_core() -> str | None:
     """The OpenBLAS kernel set this x86-64 Linux CPU supports, for `OPENBLAS_CORETYPE`; None elsewhere.
 
     faiss-cpu's wheels bundle OpenBLAS 0.3.15, which does not know CPUs released since (e.g.
-    Sapphire and Emerald Rapids) and falls back to its generic SSE3 "Prescott" kernels: faiss's
-    k-means and L2 assignment then ran 4-6x slower on our Emerald Rapids VM than with "SkylakeX"."""
+    Sapphire and Emerald Rapids) and falls back to its generic SSE3 "Prescott" kernels, several
+    times slower for faiss's k-means and L2 assignment (docs/benchmarks.md, faiss backend)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
@@ -374,8 +369,8 @@ class KeyIndex:
         hnsw, GPU indexes, IVF lists that would get under `GROUPED_MIN_QUERIES` queries each, and
         IVF without the compiled extension.
 
-        A flat index's vectors are scored like the `topk` backend's keys (`scores_topk`; faiss's
-        flat search took ~3.5x longer in a profile of the 32k growth run). An IVF index picks each
+        A flat index's vectors are scored like the `topk` backend's keys (`scores_topk`, which selects
+        while the scores are in cache, faster than faiss's flat search). An IVF index picks each
         query's lists the same way from its centroids, then scores each list once for all the
         queries probing it (`ivf_topk`); faiss's IVF search scans every query's lists on their own."""
         if self.gpu is not None or self.kind == "hnsw":

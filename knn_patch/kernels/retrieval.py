@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .index import TRAIN_POINTS_PER_LIST, KeyIndexes, resolve_nlist
+from .sampling import group_mask, masked_softmax
 from .select import fused_available, scores_topk, topk_rows
 
 
@@ -57,14 +58,6 @@ def _gather(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 def _scores_at(x: torch.Tensor, pos: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """q . x[b, h, pos[..., t]]: x (B, Hkv, L, D), pos (B, Hkv, R, t), q (B, Hkv, R, D) -> (B, Hkv, R, t)."""
     return (_gather(x, pos) @ q.unsqueeze(-1)).squeeze(-1)
-
-
-def _softmax(vals: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim, -inf where a slot holds no key; a row with no key gets zeros."""
-    mx = vals.amax(-1, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)).detach()
-    e = torch.exp(vals - mx)
-    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(vals.dtype).tiny)
 
 
 def _weighted_rows(x: torch.Tensor, pos: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -160,11 +153,8 @@ def retrieval_attention(
     g, offset, device = hq // hkv, lk - lq, query.device
     scale = d**-0.5 if scale is None else scale
     bs = options["block_size"]
-    if attention_mask is not None:
-        mb, mh = attention_mask.shape[:2]
-        mask = attention_mask.expand(mb, mh, lq, lk)
-        # (B|1, 1|Hq, Lq, Lk) -> (B|1, 1|Hkv, 1|G, Lq, Lk), the grouped query layout
-        mask = mask.unsqueeze(1) if mh == 1 else mask.unflatten(1, (hkv, g))
+    mask = group_mask(attention_mask, hq, hkv, lq, lk)  # (B|1, 1|Hkv, 1|G, Lq, Lk) or None
+    if mask is not None:
         valid = mask.flatten(1, 3).any(1)  # (B|1, Lk): keys some query may see
         is_sink = valid & (valid.cumsum(-1) <= sink_tokens)  # (B|1, Lk): the first visible keys
         n_sinks = int(is_sink.sum(-1).max()) if sink_tokens else 0
@@ -172,7 +162,7 @@ def retrieval_attention(
         sink_pos = torch.where(sink_pos < lk, sink_pos, -1)[:, :n_sinks]  # (B|1, s): -1 past a row's sinks
         index_valid = (valid & ~is_sink).cpu()  # padding and sinks are never indexed
     else:  # plain causal: the sinks are positions 0..s-1, and nothing O(Lk) is built (decode steps)
-        mask, is_sink, n_sinks, index_valid = None, None, min(sink_tokens, lk), None
+        is_sink, n_sinks, index_valid = None, min(sink_tokens, lk), None
         sink_pos = torch.arange(n_sinks, device=device).view(1, n_sinks)
     if indexes is None:
         opts = dict(options) if lq >= bs else {**options, "index": "flat"}
@@ -256,7 +246,7 @@ def retrieval_attention(
             keep = (sel > -math.inf) & (is_forced | ((~is_forced).cumsum(-1) <= k))
 
             vals = s.gather(-1, idx).masked_fill(~keep, -math.inf)
-            p = _softmax(vals)
+            p = masked_softmax(vals)
             if dropout > 0:
                 p = torch.nn.functional.dropout(p, dropout)
             sel_pos = idx + (ws - f)  # (B, Hkv, G*C, take): explicit column -> position
@@ -298,7 +288,7 @@ def _plain_block(
     explicit = k_all[:, :, ws:p1].reshape(b * hkv, p1 - ws, d)
     # each row's k best of its retrieved keys (the seeds) and its explicit keys, as positions
     vals, pos, _ = scores_topk(qb.reshape(b * hkv, r, d), explicit, k, row_end, seeds=(ret_s, ret), offset=ws)
-    p = _softmax(vals * scale)
+    p = masked_softmax(vals * scale)
     return _weighted_rows(v_all, pos.view(b, hkv, r, -1), p.view(b, hkv, r, -1))
 
 

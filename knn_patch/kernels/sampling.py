@@ -1,9 +1,10 @@
-"""Shared math of the sampled estimators (`tail`, `gumbel`): masked score blocks, exact attention as
+"""Shared math of the kernels: the grouped mask layout, the masked softmax, gathers and scatters of key
+rows, and the sampled estimators' parts (`tail`, `gumbel`): masked score blocks, exact attention as
 the reference they estimate, the uniform tail sample, and the lazy Gumbel sampler.
 
 Attention reads as an expectation, o_i = E_{j ~ softmax(s_i)}[v_j] with s_ij = q_i·k_j·scale
 ("kNN Attention Demystified", Haris 2024). The functions here work on one block of score rows
-(R, L), with -inf at keys a query may not see, so both backends share one masking rule.
+(R, L), with -inf at keys a query may not see, so every kernel shares one masking rule.
 """
 
 from __future__ import annotations
@@ -51,14 +52,32 @@ _BIG_BUDGET = 1 << 22
 def group_mask(
     attention_mask: torch.Tensor | None, hq: int, hkv: int, lq: int, lk: int
 ) -> torch.Tensor | None:
-    """Boolean mask (B|1, 1|Hq, Lq|1, Lk) -> (B|1, 1|Hkv, 1|G, Lq, Lk), matching grouped queries (a view)."""
+    """Boolean mask (B|1, 1|Hq, Lq|1, Lk) -> (B|1, 1|Hkv, 1|G, Lq, Lk), G = Hq / Hkv, matching the
+    grouped query layout (B, Hkv, G, Lq, D) of every kernel (a view: nothing is copied)."""
     if attention_mask is None:
         return None
-    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
-        raise ValueError("attention_mask must be a boolean (B, 1|Hq, Lq, Lk) mask, True = keep.")
+    if attention_mask.dtype != torch.bool:
+        raise ValueError(f"attention_mask must be boolean (True = keep), got {attention_mask.dtype}.")
+    if attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask must be 4-D (B, 1|Hq, Lq, Lk), got {tuple(attention_mask.shape)}.")
     mb, mh = attention_mask.shape[:2]
     mask = attention_mask.expand(mb, mh, lq, lk)
     return mask.unsqueeze(1) if mh == 1 else mask.unflatten(1, (hkv, hq // hkv))
+
+
+def gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rows of x (B, Hkv, L, E) at key positions pos (B, Hkv, G, C, t) in [0, L) -> (B, Hkv, G, C, t, E)."""
+    b, hkv, n, e = x.shape
+    flat = pos + (torch.arange(b * hkv, device=x.device) * n).view(b, hkv, 1, 1, 1)  # (B, Hkv, G, C, t)
+    return torch.index_select(x.reshape(b * hkv * n, e), 0, flat.reshape(-1)).view(*pos.shape, e)
+
+
+def scatter_rows(dst: torch.Tensor, pos: torch.Tensor, src: torch.Tensor) -> None:
+    """dst (B, Hkv, L, E) += src (B, Hkv, G, C, t, E), summed into the rows pos (B, Hkv, G, C, t);
+    dst must be contiguous (it is added into through a flat view)."""
+    b, hkv, n, e = dst.shape
+    flat = pos + (torch.arange(b * hkv, device=dst.device) * n).view(b, hkv, 1, 1, 1)  # (B, Hkv, G, C, t)
+    dst.view(b * hkv * n, e).index_add_(0, flat.reshape(-1), src.reshape(-1, e))
 
 
 def masked_scores(
@@ -92,9 +111,15 @@ def masked_scores(
     return s
 
 
-def masked_softmax(s: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim where rows of only -inf (a query that sees nothing) give zeros, not NaN."""
-    mx = s.amax(-1, keepdim=True)
+def masked_softmax(s: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the last dim of s, over the entries `keep` marks (every entry when None); -inf
+    entries weigh 0. A row with nothing to weigh (a query that sees no key) gives zeros, not NaN.
+
+    The row maximum subtracted for stability is detached: the result does not depend on it, so
+    autograd need not differentiate through it."""
+    if keep is not None:
+        s = s.masked_fill(~keep, -math.inf)
+    mx = s.amax(-1, keepdim=True).detach()
     e = torch.exp(s - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))
     return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
 
@@ -157,7 +182,7 @@ def _distinct_ranks(n_rest: torch.Tensor, m: int, generator: torch.Generator | N
     """
     mm = n_rest.clamp_max(m)  # (R,)
     step = torch.arange(m, device=n_rest.device).unsqueeze(-1)  # (m, 1)
-    # steps along dim 0, rows contiguous along dim 1: the loop's slices are ~5x faster than (R, m)
+    # steps along dim 0, rows contiguous along dim 1: each step of the loop reads one contiguous slice
     j = n_rest - mm + step  # (m, R): each step's upper bound
     u = torch.rand(j.shape, generator=generator, device=n_rest.device, dtype=torch.float64)
     ranks = torch.minimum((u * (j + 1)).long(), j)  # each step's t, before the sequential check

@@ -1,10 +1,11 @@
-"""Row-wise exact top-k selection: compiled (select.cpp), or torch.topk. The same extension also
-draws the `tail` estimator's uniform sample (`sampling.tail_sample` uses it) and searches a faiss
-IVF index for many queries at once (`ivf_topk`, used by `index.KeyIndex`).
+"""Row-wise exact top-k selection: compiled, or torch.topk. The same extension also draws the `tail`
+estimator's uniform sample (`sampling.tail_sample` uses it) and searches a faiss IVF index for many
+queries at once (`ivf_topk`, used by `index.KeyIndex`). Its sources: select.cpp (the selection, the
+tail sample and the module) and ivf.cpp (the IVF search).
 
 The compiled path is built once with `torch.utils.cpp_extension` (about a minute, cached under
 `$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, in a folder named by the hash of
-the source and, on x86-64 Linux, of the CPU's features); if no compiler is available, a warning is
+the sources and, on x86-64 Linux, of the CPU's features); if no compiler is available, a warning is
 logged once and selection falls back to torch.topk, which gives the same keys except among tied
 scores.
 """
@@ -39,22 +40,31 @@ def _native_cpu() -> str:
         return ""
 
 
-def _build(source: bytes, native: str):
-    """The module compiled from `source`, for this CPU when `native` holds its flags."""
+SOURCES = ("select.cpp", "ivf.cpp")  # one extension; select.cpp defines its module
+
+
+def _build(sources: dict[str, bytes], native: str):
+    """The module compiled from `sources` (file name -> content), for this CPU when `native` holds
+    its flags."""
     from torch.utils.cpp_extension import load
 
-    # Build from a copy named by its content: checkouts of the same source (several venvs or
-    # worktrees) share one build instead of rebuilding each other's, and an edit builds anew.
-    digest = hashlib.sha256(source + native.encode()).hexdigest()[:12]
+    # Build from copies in a folder named by their content: checkouts of the same sources (several
+    # venvs or worktrees) share one build instead of rebuilding each other's, and an edit builds anew.
+    digest = hashlib.sha256(
+        b"".join(name.encode() + b"\0" + text for name, text in sources.items()) + native.encode()
+    ).hexdigest()[:12]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     build = root / f"knn_patch_select_{digest}"
     build.mkdir(parents=True, exist_ok=True)
-    copy = build / "select.cpp"
-    if not copy.exists() or copy.read_bytes() != source:
-        atomic_write(copy, lambda tmp: Path(tmp).write_bytes(source))
+    copies = []
+    for name, text in sources.items():
+        copy = build / name
+        if not copy.exists() or copy.read_bytes() != text:
+            atomic_write(copy, lambda tmp, text=text: Path(tmp).write_bytes(text))
+        copies.append(str(copy))
     return load(
         name=f"knn_patch_select_{digest}",
-        sources=[str(copy)],
+        sources=copies,
         build_directory=str(build),
         extra_cflags=["-O3", "-fopenmp"] + (["-march=native"] if native else []),
         extra_ldflags=["-fopenmp"],
@@ -68,11 +78,11 @@ def extension():
     A build for this CPU that fails (a compiler that does not know it) is retried generic."""
     if os.environ.get("KNN_PATCH_NO_EXTENSION"):
         return None
-    source = Path(__file__).with_name("select.cpp").read_bytes()
+    sources = {name: Path(__file__).with_name(name).read_bytes() for name in SOURCES}
     native = _native_cpu()
     for flags in dict.fromkeys([native, ""]):  # native first, when there is one
         try:
-            return _build(source, flags)
+            return _build(sources, flags)
         except Exception as err:  # no compiler, no ninja: fall back, but say so
             logger.warning(
                 "knn_patch: could not build the selection extension%s (%s); %s.",
@@ -136,8 +146,8 @@ def scores_topk(
     `sampling.tail_sample`'s m keys (drawn from `generator`) in its last m slots (score -inf and
     index 0 where unused), with their log-weights (P*R, m) float64. The compiled path scores
     blocks of 64 rows into a per-thread buffer and selects and samples them while they are in
-    cache, never writing the (R, L) scores out: ~1.6x faster than a matmul followed by `topk_rows`
-    at L = 4096, and the samples cost no gather.
+    cache, never writing the (R, L) scores out (faster than a matmul followed by `topk_rows`), and
+    the samples cost no gather.
     With `seeds` (values, ids), each (P*R, s), row r's seeds compete with its scores (value -inf:
     an empty slot) and come back with their ids, while key j comes back as j + `offset`: the top-k
     of a row's own candidates and these keys in one selection (no tail). Compiled, a row with k
@@ -197,7 +207,7 @@ def ivf_topk(
     is scanned over its first keys), as faiss's IVF search does; every list is scored once for all
     the queries probing it. `lists` holds the (nlist,) int64 tables of each list's vector pointer,
     id pointer and size (`KeyIndex`). With `amx` (and `amx_available()`) the lists are scored on
-    AMX tiles in bf16x3, within ~1e-5 * |q| |k| of fp32 (see select.cpp): the same keys but for
+    AMX tiles in bf16x3, within ~1e-5 * |q| |k| of fp32 (see ivf.cpp): the same keys but for
     near-ties, in a fraction of the fp32 GEMMs' time (docs/benchmarks.md, "Searching many queries at once").
     Compiled only: callers check `extension_available()` first and otherwise use faiss's own search."""
     return extension().ivf_topk(query.contiguous(), centroids, *lists, k, nprobe, max_codes, amx)

@@ -4,19 +4,24 @@ The kernel works in query chunks, so no (Lq, Lk) score matrix for the whole sequ
 held, and its autograd backward keeps only O(Lq * k) state: the selected key indices and their
 probabilities. Scores are computed in fp32 with autocast off.
 
-Per chunk of C queries, the key range is cut to the keys any query of the chunk may see (causal
-and window masks skip whole blocks), the (C, L) scores go into one reused buffer, and each row's
-exact top-k is taken by `select.topk_rows` (a compiled pass that stops at the row's causal limit,
-so plain causal scores are never masked). The output is a fused gather-and-sum (`embedding_bag`).
+Per chunk of C queries (`_weigh_chunk`), the key range is cut to the keys any query of the chunk
+may see (causal and window masks skip whole blocks). Plain scores on CPU in fp32 are scored and
+selected by the compiled `select.scores_topk` in cache; otherwise the (C, L) scores go into one
+reused buffer and `select.topk_rows` takes each row's exact top-k (compiled, it stops at the row's
+causal limit, so plain causal scores are never masked). Forced keys, tail samples and the rest
+mean follow. The output is a fused gather-and-sum (`embedding_bag`). docs/design.md describes
+the whole kernel.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .sampling import rest_mask, tail_sample
+from .sampling import gather_rows, group_mask, masked_softmax, rest_mask, scatter_rows, tail_sample
 from .select import fused_available, scores_topk, topk_rows
 
 # Working sets, in elements, that bound memory at long n: the forward's score block (queries x
@@ -101,15 +106,6 @@ def _select(scores: torch.Tensor, kk: int, row_end: torch.Tensor | None) -> tupl
     return values.view(*lead, kk), pos.view(*lead, kk)
 
 
-def _probabilities(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Softmax over the kept entries; rows with none kept (fully padded) give all-zero weights."""
-    s = scores.masked_fill(~keep, -math.inf)
-    mx = s.amax(-1, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    e = torch.exp(s - mx)
-    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
-
-
 class _TopKAttention(torch.autograd.Function):
     """Inputs in grouped layout: q (B, Hkv, G, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv).
 
@@ -145,20 +141,14 @@ class _TopKAttention(torch.autograd.Function):
         b, hkv, g, lq, d = q.shape
         lk, dv = key.shape[2], value.shape[-1]
         device = q.device
-        n_forced = sink_tokens + local_window
-        kk = min(k + n_forced, lk)
-        width = min(kk + tail_samples, lk)  # saved slots per query: top-k, then tail samples
-        offset = lk - lq  # queries are the last lq positions (bottom-right causal alignment)
-        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
-        # The fused path (no mask, sinks, window or softcap; compiled) never materialises a score block.
-        fused = (
-            mask is None
-            and not n_forced
-            and softcap is None
-            and not rest_mean
-            and fused_available(device, acc)
+        call = _Call.build(
+            q, key, mask, k, softcap, causal, sink_tokens, local_window, generator, tail_samples, rest_mean
         )
-        chunk = chunk_size if fused else max(1, min(chunk_size, _SCORE_BUDGET // max(1, b * hkv * g * lk)))
+        acc = call.acc
+        width = min(call.kk + tail_samples, lk)  # saved slots per query: top-k, then tail samples
+        chunk = (
+            chunk_size if call.fused else max(1, min(chunk_size, _SCORE_BUDGET // max(1, b * hkv * g * lk)))
+        )
 
         k32, v32 = key.to(acc), value.to(acc)
         out = torch.zeros(b, hkv, g, lq, dv, dtype=acc, device=device)
@@ -166,101 +156,34 @@ class _TopKAttention(torch.autograd.Function):
         idx_all = torch.zeros(b, hkv, g, lq, width, dtype=torch.int32, device=device)
         p_all = torch.zeros(b, hkv, g, lq, width, dtype=acc, device=device)
         drop_all = torch.ones(b, hkv, g, lq, width, dtype=torch.bool, device=device) if dropout > 0 else None
-        s_all = torch.zeros_like(p_all) if softcap is not None else None
+        s_all = torch.zeros_like(p_all) if softcap is not None else None  # the kept scores, for the backward
         rest_all = torch.zeros_like(out) if rest_mean else None
         # running sums of the values (float64: differences of them stay exact), for the rest's mean
         v_cum = _prefix_sums(value) if rest_mean and mask is None else None
-        buffer = None  # score block, grown as needed by chunks that leave the fused path
+        scratch = _Scratch()
         ranges = []
         for q0 in range(0, lq, chunk):
             q1 = min(q0 + chunk, lq)
-            c = q1 - q0
             lo, hi = _key_range(mask, causal, q0, q1, lq, lk)
             ranges.append((q0, q1, lo, hi))
-            n = hi - lo
-            if n == 0:
+            if hi == lo:
                 continue
-            qc = q[:, :, :, q0:q1].to(acc).reshape(b, hkv, g * c, d) * scale
-            # a chunk whose top-k and tail samples would cover every key takes them all: exact
-            take = kk if kk + tail_samples < n else n
-            s = visible = row_end = None
-            # selection stops at each row's causal limit; the rest's mass needs the scores masked instead
-            if mask is None and causal and take < n and not rest_mean:
-                row_end = (torch.arange(c, device=device) + (q0 + offset + 1 - lo)).clamp(max=n)
-                row_end = row_end.expand(b, hkv, g, c).reshape(-1)  # one per score row
-            if fused and take < n:  # with tail samples, they come along in the last slots
-                sel, pos, logw = scores_topk(
-                    qc.reshape(b * hkv, g * c, d),  # a copy only when the query came strided (gpt2, opt)
-                    k32[:, :, lo:hi].reshape(b * hkv, n, d),
-                    take,
-                    row_end,
-                    tail_samples,
-                    generator,
-                )
-                sel, pos = sel.view(b, hkv, g, c, -1), pos.view(b, hkv, g, c, -1)
-            else:
-                if buffer is None or buffer.numel() < b * hkv * g * c * n:
-                    buffer = torch.empty(b * hkv * g * c * n, dtype=acc, device=device)  # reused
-                s = buffer[: b * hkv * g * c * n].view(b, hkv, g * c, n)
-                torch.matmul(qc, k32[:, :, lo:hi].transpose(-1, -2), out=s)  # (B, Hkv, G*C, L)
-                if softcap is not None:
-                    s = torch.tanh(s.div_(softcap), out=s).mul_(softcap)
-                s = s.view(b, hkv, g, c, n)
-                if take == n and not n_forced:  # every visible key is kept: mask, no selection
-                    _mask_scores(s, mask, causal, q0, lo, offset)
-                    pos = torch.arange(n, device=device).expand(s.shape)
-                    sel = s
-                else:
-                    visible = None if row_end is not None else _mask_scores(s, mask, causal, q0, lo, offset)
-                    forced = None
-                    if n_forced:
-                        forced = _forced(
-                            visible, causal, s.shape, q0, lo, offset, sink_tokens, local_window, device
-                        )
-                    sel, pos = _select(
-                        s if forced is None else s.masked_fill(forced, math.inf), take, row_end
-                    )
-            if n_forced:  # forced keys were ranked first with +inf; keep them and the k best others
-                vals = s.gather(-1, pos)
-                is_forced = sel == math.inf
-                rank = (~is_forced).cumsum(-1)  # overlapping sinks and window free slots
-                keep = (sel > -math.inf) & (is_forced | (rank <= k))
-            else:
-                vals, keep = sel, sel > -math.inf
-            if tail_samples and take < n:
-                if s is not None:  # scores materialised: draw the samples here (fused: drawn already)
-                    rows = pos.reshape(-1, take)
-                    if visible is None:  # causal or unmasked: row r sees its first row_end[r] (or n) keys
-                        ends = row_end if row_end is not None else torch.full_like(rows[:, 0], n)
-                        spos, logw = tail_sample(rows, tail_samples, generator, ends=ends)
-                    else:
-                        rest = rest_mask(s.reshape(-1, n), rows)
-                        spos, logw = tail_sample(rows, tail_samples, generator, rest=rest)
-                    spos = spos.view(b, hkv, g, c, tail_samples)
-                    vals, pos = torch.cat([vals, s.gather(-1, spos)], -1), torch.cat([pos, spos], -1)
-                zeros = torch.zeros(b, hkv, g, c, take, dtype=acc, device=device)
-                logw = torch.cat([zeros, logw.view(b, hkv, g, c, tail_samples).to(acc)], -1)
-                keep = torch.isfinite(vals + logw)
-            else:
-                logw = None
-            p = _probabilities(vals if logw is None else vals + logw, keep)
-            if rest_mean and (take < n or n_forced):
-                p, rest = _rest_term(s, vals, keep, p, pos, v32, visible, v_cum, causal, q0, lo, offset)
-                rest_all[:, :, :, q0:q1] = rest
-            t = p.shape[-1]
+            qc = q[:, :, :, q0:q1].to(acc).reshape(b, hkv, g * (q1 - q0), d) * scale  # (B, Hkv, G*C, D)
+            kept = _weigh_chunk(call, qc, k32, v32, v_cum, q0, lo, hi - lo, scratch)
+            t = kept.p.shape[-1]
+            pw = kept.p
             if dropout > 0:
-                drop = torch.rand(p.shape, device=device, generator=generator) >= dropout
+                drop = torch.rand(pw.shape, device=device, generator=generator) >= dropout
                 drop_all[:, :, :, q0:q1, :t] = drop
-                pw = p * drop / (1 - dropout)
-            else:
-                pw = p
-            out[:, :, :, q0:q1] = _apply_weights(pw, pos, v32, lo, n)
-            if rest_all is not None:
-                out[:, :, :, q0:q1] += rest_all[:, :, :, q0:q1]
-            idx_all[:, :, :, q0:q1, :t] = pos + lo
-            p_all[:, :, :, q0:q1, :t] = p
+                pw = pw * drop / (1 - dropout)
+            out[:, :, :, q0:q1] = _apply_weights(pw, kept.pos, v32, lo, hi - lo)
+            if kept.rest is not None:
+                rest_all[:, :, :, q0:q1] = kept.rest
+                out[:, :, :, q0:q1] += kept.rest
+            idx_all[:, :, :, q0:q1, :t] = kept.pos + lo
+            p_all[:, :, :, q0:q1, :t] = kept.p
             if s_all is not None:
-                s_all[:, :, :, q0:q1, :t] = torch.where(keep, vals, torch.zeros_like(vals))
+                s_all[:, :, :, q0:q1, :t] = torch.where(kept.keep, kept.vals, torch.zeros_like(kept.vals))
 
         ctx.save_for_backward(q, key, value, idx_all, p_all, drop_all, s_all, rest_all)
         ctx.meta = (scale, softcap, dropout, ranges)
@@ -306,9 +229,9 @@ class _TopKAttention(torch.autograd.Function):
                 )
                 dpw = dpw.gather(-1, pos)
             else:
-                v_sel = _gather_rows(v32[:, :, lo:hi], pos)  # (B, Hkv, G, C, take, Dv)
+                v_sel = gather_rows(v32[:, :, lo:hi], pos)  # (B, Hkv, G, C, take, Dv)
                 dpw = (v_sel @ do.unsqueeze(-1)).squeeze(-1)  # (B, Hkv, G, C, take)
-                _scatter_rows(dvv, pos + lo, pw.unsqueeze(-1) * do.unsqueeze(-2))
+                scatter_rows(dvv, pos + lo, pw.unsqueeze(-1) * do.unsqueeze(-2))
             dp = dpw * keep_scale if keep_scale is not None else dpw
             total = (p * dp).sum(-1, keepdim=True)
             if rest_all is not None:  # the rest is one more softmax entry, its score and value constant
@@ -326,10 +249,259 @@ class _TopKAttention(torch.autograd.Function):
                 dq[:, :, :, q0:q1] = (dsf @ k32[:, :, lo:hi]).view(b, hkv, g, c, d)
                 dk[:, :, lo:hi] += dsf.transpose(-1, -2) @ qc.reshape(b, hkv, g * c, d)
             else:
-                k_sel = _gather_rows(k32[:, :, lo:hi], pos)  # (B, Hkv, G, C, take, D)
+                k_sel = gather_rows(k32[:, :, lo:hi], pos)  # (B, Hkv, G, C, take, D)
                 dq[:, :, :, q0:q1] = (ds.unsqueeze(-2) @ k_sel).squeeze(-2)
-                _scatter_rows(dk, pos + lo, ds.unsqueeze(-1) * qc.unsqueeze(-2))
+                scatter_rows(dk, pos + lo, ds.unsqueeze(-1) * qc.unsqueeze(-2))
         return (dq.to(q.dtype), dk.to(key.dtype), dvv.to(value.dtype)) + (None,) * 12
+
+
+# ---- One forward chunk: select its keys, weigh them ----
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What every chunk of one `_TopKAttention.forward` shares."""
+
+    shape: tuple[int, int, int]  # (B, Hkv, G)
+    mask: torch.Tensor | None  # grouped boolean mask (B|1, 1|Hkv, 1|G, Lq, Lk), True = may see
+    causal: bool
+    offset: int  # Lk - Lq: query i sits at key position i + offset
+    k: int
+    kk: int  # selected slots per query: k plus the forced keys, at most Lk
+    sink_tokens: int
+    local_window: int
+    softcap: float | None
+    tail_samples: int
+    rest_mean: bool
+    generator: torch.Generator | None
+    acc: torch.dtype  # the scores' dtype
+    device: torch.device
+    fused: bool  # selection by the compiled `scores_topk`, which never materialises a score block
+
+    @property
+    def n_forced(self) -> int:
+        return self.sink_tokens + self.local_window
+
+    @staticmethod
+    def build(
+        q: torch.Tensor,
+        key: torch.Tensor,
+        mask: torch.Tensor | None,
+        k: int,
+        softcap: float | None,
+        causal: bool,
+        sink_tokens: int,
+        local_window: int,
+        generator: torch.Generator | None,
+        tail_samples: int,
+        rest_mean: bool,
+    ) -> _Call:
+        """The settings of a call on q (B, Hkv, G, Lq, D) and key (B, Hkv, Lk, D)."""
+        b, hkv, g, lq, _ = q.shape
+        lk = key.shape[2]
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
+        n_forced = sink_tokens + local_window
+        # the compiled selection ranks plain scores only, and the rest's share needs every score
+        plain = mask is None and not n_forced and softcap is None and not rest_mean
+        return _Call(
+            shape=(b, hkv, g),
+            mask=mask,
+            causal=causal,
+            offset=lk - lq,  # queries are the last lq positions (bottom-right causal alignment)
+            k=k,
+            kk=min(k + n_forced, lk),
+            sink_tokens=sink_tokens,
+            local_window=local_window,
+            softcap=softcap,
+            tail_samples=tail_samples,
+            rest_mean=rest_mean,
+            generator=generator,
+            acc=acc,
+            device=q.device,
+            fused=plain and fused_available(q.device, acc),
+        )
+
+
+class _Kept(NamedTuple):
+    """One chunk's kept keys, each (B, Hkv, G, C, t) but `rest`."""
+
+    pos: torch.Tensor  # key positions, counted from the chunk's first key lo
+    p: torch.Tensor  # softmax weights; 0 in slots that hold no kept key
+    vals: torch.Tensor  # scores (softcapped), before any tail log-weight
+    keep: torch.Tensor  # whether the slot holds a kept key
+    rest: torch.Tensor | None  # `rest_mean`'s term (B, Hkv, G, C, Dv), or None
+
+
+class _Scratch:
+    """One score block reused by every chunk of a call that materialises its scores, grown as needed."""
+
+    def __init__(self) -> None:
+        self.block: torch.Tensor | None = None
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if self.block is None or self.block.numel() < numel:
+            self.block = torch.empty(numel, dtype=dtype, device=device)
+        return self.block[:numel]
+
+
+def _weigh_chunk(
+    call: _Call,
+    qc: torch.Tensor,
+    k32: torch.Tensor,
+    v32: torch.Tensor,
+    v_cum: torch.Tensor | None,
+    q0: int,
+    lo: int,
+    n: int,
+    scratch: _Scratch,
+) -> _Kept:
+    """The kept keys of one chunk of C queries (rows q0..q0+C-1) and their softmax weights.
+
+    qc (B, Hkv, G*C, D): the chunk's scaled queries; k32, v32 (B, Hkv, Lk, E): keys and values in
+    the scores' dtype, of which the chunk sees lo..lo+n-1 at most. The selection is compiled and
+    fused (`call.fused`) or runs on a materialised score block; then come the forced keys, the tail
+    samples and the rest term, each only when asked for.
+    """
+    # a chunk whose top-k and tail samples would cover every key takes them all: exact
+    take = call.kk if call.kk + call.tail_samples < n else n
+    row_end = _row_end(call, q0, qc.shape[2] // call.shape[2], lo, n) if take < n else None
+    logw = None
+    if call.fused and take < n:  # tail samples, if any, come along in the last slots
+        s = visible = None
+        vals, pos, logw = _fused_select(call, qc, k32, lo, n, take, row_end)
+        keep = vals > -math.inf
+    else:
+        s = _chunk_scores(call, qc, k32, lo, n, scratch)  # (B, Hkv, G, C, L)
+        visible, sel, pos = _select_scores(call, s, q0, lo, take, row_end)
+        vals, keep = _keep_forced(call, s, sel, pos) if call.n_forced else (sel, sel > -math.inf)
+    logits = vals
+    if call.tail_samples and take < n:
+        vals, pos, logits = _with_tail_samples(call, s, vals, pos, logw, take, visible, row_end)
+        keep = torch.isfinite(logits)
+    p = masked_softmax(logits, keep)
+    rest = None
+    if call.rest_mean and (take < n or call.n_forced):
+        p, rest = _rest_term(call, s, vals, keep, p, pos, v32, visible, v_cum, q0, lo)
+    return _Kept(pos, p, vals, keep, rest)
+
+
+def _row_end(call: _Call, q0: int, c: int, lo: int, n: int) -> torch.Tensor | None:
+    """Each score row's causal limit (B*Hkv*G*C,), in columns from lo: the selection stops there, so
+    plain causal scores need no masking pass. None under a mask, without causality, and with
+    `rest_mean`, whose share of the softmax needs every score masked instead."""
+    if call.mask is not None or not call.causal or call.rest_mean:
+        return None
+    b, hkv, g = call.shape
+    row_end = (torch.arange(c, device=call.device) + (q0 + call.offset + 1 - lo)).clamp(max=n)
+    return row_end.expand(b, hkv, g, c).reshape(-1)  # one per score row
+
+
+def _fused_select(
+    call: _Call,
+    qc: torch.Tensor,
+    k32: torch.Tensor,
+    lo: int,
+    n: int,
+    take: int,
+    row_end: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's top `take` keys by the compiled `scores_topk`, which scores blocks of rows in cache
+    and never writes the (rows, keys) scores out. Returns scores and positions (B, Hkv, G, C, take + m),
+    with the m tail samples, if any, in the last slots, and their log-weights (B*Hkv*G*C, m)."""
+    b, hkv, g = call.shape
+    gc, d = qc.shape[2:]
+    sel, pos, logw = scores_topk(
+        qc.reshape(b * hkv, gc, d),  # a copy only when the query came strided (gpt2, opt)
+        k32[:, :, lo : lo + n].reshape(b * hkv, n, d),
+        take,
+        row_end,
+        call.tail_samples,
+        call.generator,
+    )
+    return sel.view(b, hkv, g, gc // g, -1), pos.view(b, hkv, g, gc // g, -1), logw
+
+
+def _chunk_scores(
+    call: _Call, qc: torch.Tensor, k32: torch.Tensor, lo: int, n: int, scratch: _Scratch
+) -> torch.Tensor:
+    """The chunk's scores (B, Hkv, G, C, L) against keys lo..lo+n-1 (softcapped, not yet masked), in
+    the call's reused score block."""
+    b, hkv, g = call.shape
+    gc = qc.shape[2]
+    s = scratch.take(b * hkv * gc * n, call.acc, call.device).view(b, hkv, gc, n)
+    torch.matmul(qc, k32[:, :, lo : lo + n].transpose(-1, -2), out=s)  # (B, Hkv, G*C, L)
+    if call.softcap is not None:
+        s = torch.tanh(s.div_(call.softcap), out=s).mul_(call.softcap)
+    return s.view(b, hkv, g, gc // g, n)
+
+
+def _select_scores(
+    call: _Call, s: torch.Tensor, q0: int, lo: int, take: int, row_end: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Mask the scores s (B, Hkv, G, C, L) in place (unless `row_end` stands for the causal mask) and
+    take each row's top `take`, its forced keys first (ranked at +inf).
+
+    Returns the visibility (B|1, 1|Hkv, 1|G, C, L) when a mask decided it (else None), and the
+    selected scores (+inf at forced keys, -inf in unfilled slots) and positions (B, Hkv, G, C, take)."""
+    n = s.shape[-1]
+    if take == n and not call.n_forced:  # every visible key is kept: mask, no selection
+        _mask_scores(s, call.mask, call.causal, q0, lo, call.offset)
+        return None, s, torch.arange(n, device=s.device).expand(s.shape)
+    visible = None if row_end is not None else _mask_scores(s, call.mask, call.causal, q0, lo, call.offset)
+    ranked = s
+    if call.n_forced:
+        forced = _forced(
+            visible, call.causal, s.shape, q0, lo, call.offset, call.sink_tokens, call.local_window, s.device
+        )
+        ranked = s.masked_fill(forced, math.inf)
+    sel, pos = _select(ranked, take, row_end)
+    return visible, sel, pos
+
+
+def _keep_forced(
+    call: _Call, s: torch.Tensor, sel: torch.Tensor, pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forced keys were ranked first at +inf: keep them and the k best others. Returns the selected
+    slots' scores (B, Hkv, G, C, t) and which slots are kept."""
+    is_forced = sel == math.inf
+    rank = (~is_forced).cumsum(-1)  # overlapping sinks and window free slots
+    return s.gather(-1, pos), (sel > -math.inf) & (is_forced | (rank <= call.k))
+
+
+def _with_tail_samples(
+    call: _Call,
+    s: torch.Tensor | None,
+    vals: torch.Tensor,
+    pos: torch.Tensor,
+    logw: torch.Tensor | None,
+    take: int,
+    visible: torch.Tensor | None,
+    row_end: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-`take` slots followed by the chunk's m tail samples (`sampling.tail_sample`): drawn
+    here from the materialised scores s, or (s None) already in the last slots of vals and pos with
+    their log-weights logw (B*Hkv*G*C, m), as the fused selection returns them.
+
+    Returns scores and positions (B, Hkv, G, C, take + m) and the logits: the scores plus each
+    slot's log-weight, 0 for the top-k and log(n_rest / m) for a sample (-inf in unused slots)."""
+    b, hkv, g = call.shape
+    c, m = vals.shape[3], call.tail_samples
+    if s is not None:
+        n = s.shape[-1]
+        rows = pos.reshape(-1, take)
+        if visible is None:  # causal or unmasked: row r sees its first row_end[r] (or n) keys
+            ends = row_end if row_end is not None else torch.full_like(rows[:, 0], n)
+            spos, logw = tail_sample(rows, m, call.generator, ends=ends)
+        else:
+            spos, logw = tail_sample(rows, m, call.generator, rest=rest_mask(s.reshape(-1, n), rows))
+        spos = spos.view(b, hkv, g, c, m)
+        vals, pos = torch.cat([vals, s.gather(-1, spos)], -1), torch.cat([pos, spos], -1)
+    zeros = torch.zeros(b, hkv, g, c, take, dtype=call.acc, device=call.device)
+    logw = torch.cat([zeros, logw.view(b, hkv, g, c, m).to(call.acc)], -1)
+    return vals, pos, vals + logw
+
+
+# ---- The rest mean ----
 
 
 def _prefix_sums(value: torch.Tensor) -> torch.Tensor:
@@ -340,6 +512,7 @@ def _prefix_sums(value: torch.Tensor) -> torch.Tensor:
 
 
 def _rest_term(
+    call: _Call,
     s: torch.Tensor,
     vals: torch.Tensor,
     keep: torch.Tensor,
@@ -348,10 +521,8 @@ def _rest_term(
     v32: torch.Tensor,
     visible: torch.Tensor | None,
     v_cum: torch.Tensor | None,
-    causal: bool,
     q0: int,
     lo: int,
-    offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys a chunk's queries see but do not keep, as one softmax entry: their exact mass and
     the mean of their values.
@@ -369,7 +540,11 @@ def _rest_term(
     z_kept = torch.exp(kept - top).sum(-1, keepdim=True)
     share = ((z_all - z_kept) / z_all.clamp_min(torch.finfo(s.dtype).tiny)).clamp_(0, 1)  # (.., C, 1)
     if visible is None:  # causal or unmasked: query i sees the keys [0, end_i)
-        ends = torch.arange(q0, q0 + c, device=s.device) + offset + 1 if causal else torch.full((c,), lo + n)
+        ends = (
+            torch.arange(q0, q0 + c, device=s.device) + call.offset + 1
+            if call.causal
+            else torch.full((c,), lo + n)
+        )
         ends = ends.clamp(max=lo + n).to(s.device)
         seen_sum = v_cum.index_select(2, ends).unsqueeze(2).to(s.dtype)  # (B, Hkv, 1, C, Dv)
         seen = (ends - lo).to(s.dtype).view(c, 1)
@@ -383,30 +558,19 @@ def _rest_term(
     return p * (1 - share), share * mean
 
 
+# ---- Weighted sums of value rows ----
+
+
 def _dense_chunk(take: int, n: int) -> bool:
     """Whether a chunk is cheaper as a masked dense matmul than as a gather of its selected rows."""
     return 4 * take >= n
 
 
-def _gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """x (B, Hkv, L, E), pos (B, Hkv, G, C, t) -> (B, Hkv, G, C, t, E)."""
-    b, hkv, n, e = x.shape
-    flat = pos + (torch.arange(b * hkv, device=x.device) * n).view(b, hkv, 1, 1, 1)  # (B, Hkv, G, C, t)
-    return torch.index_select(x.reshape(b * hkv * n, e), 0, flat.reshape(-1)).view(*pos.shape, e)
-
-
-def _scatter_rows(dst: torch.Tensor, pos: torch.Tensor, src: torch.Tensor) -> None:
-    """dst (B, Hkv, Lk, E) += src (B, Hkv, G, C, t, E) summed into rows pos (B, Hkv, G, C, t)."""
-    b, hkv, n, e = dst.shape
-    flat = pos + (torch.arange(b * hkv, device=dst.device) * n).view(b, hkv, 1, 1, 1)
-    dst.view(b * hkv * n, e).index_add_(0, flat.reshape(-1), src.reshape(-1, e))
-
-
 def _apply_weights(w: torch.Tensor, pos: torch.Tensor, value: torch.Tensor, lo: int, n: int) -> torch.Tensor:
     """Weights w (B, Hkv, G, C, t) at key positions lo + pos, values (B, Hkv, Lk, Dv) -> (B, Hkv, G, C, Dv).
 
-    Sparse chunks use `embedding_bag` (a fused gather and weighted sum, ~7x faster here than
-    materialising the gathered rows); chunks where k is a large share of the keys use a matmul."""
+    Sparse chunks use `embedding_bag`, a fused gather and weighted sum that never materialises the
+    gathered rows; chunks where k is a large share of the keys use a matmul."""
     b, hkv, g, c, t = w.shape
     lk, dv = value.shape[-2:]
     if _dense_chunk(t, n):
@@ -484,17 +648,7 @@ def topk_attention(
     if tail_samples and rest_mean:
         raise ValueError("tail samples and rest_mean are two estimates of the same rest: use one.")
     g = hq // hkv
-    if attention_mask is not None:
-        if attention_mask.dtype != torch.bool:
-            raise ValueError("topk_attention takes a boolean attention_mask (True = keep).")
-        if attention_mask.dim() != 4:
-            raise ValueError(
-                f"attention_mask must be 4-D (B, 1|Hq, Lq, Lk), got {tuple(attention_mask.shape)}."
-            )
-        mb, mh = attention_mask.shape[:2]
-        attention_mask = attention_mask.expand(mb, mh, lq, key.shape[2])  # a view: nothing is copied
-        # (B|1, 1|Hq, Lq, Lk) -> (B|1, 1|Hkv, 1|G, Lq, Lk), matching the grouped query layout
-        attention_mask = attention_mask.unsqueeze(1) if mh == 1 else attention_mask.unflatten(1, (hkv, g))
+    mask = group_mask(attention_mask, hq, hkv, lq, key.shape[2])  # (B|1, 1|Hkv, 1|G, Lq, Lk) or None
     scale = d**-0.5 if scale is None else scale
     with torch.autocast(device_type=query.device.type, enabled=False):
         # (B, Hq, Lq, D) -> (B, Hkv, G, Lq, D): the heads of one KV group together (a view)
@@ -503,7 +657,7 @@ def topk_attention(
             q,
             key,
             value,
-            attention_mask,
+            mask,
             k,
             float(scale),
             softcap,
