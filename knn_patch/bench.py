@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -37,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from knn_patch.extras import pyplot, require
 from knn_patch.io import atomic_write, write_json_atomic
 from knn_patch.kernels.gumbel import gumbel_attention
 from knn_patch.kernels.tail import tail_attention
@@ -188,7 +187,7 @@ def run_speed_benchmark(
 ) -> list[dict]:
     """One row per n: {"n", "methods": {name: {fwd_s, fwd_bwd_s, peak_bytes} | {"skipped": why}},
     "ratios": {"a/b" for a/b in RATIOS: {metric: a/b} | None}}."""
-    from rich.progress import Progress
+    Progress = require("rich.progress", "benchmarks").Progress
 
     cfg = {
         "k": k,
@@ -231,8 +230,8 @@ def _fmt(metric: str, v: float | None) -> str:
 
 def print_table(rows: list[dict], title: str = "Attention layer, B=1 Hq=9 Hkv=3 D=64, causal fp32") -> None:
     """Three lines per n (forward, forward+backward, peak memory); ratios below 1 favour top-k."""
-    from rich.console import Console
-    from rich.table import Table
+    Console = require("rich.console", "benchmarks").Console
+    Table = require("rich.table", "benchmarks").Table
 
     table = Table(title=title)
     for col in ("n", "metric", *METHODS, *RATIOS):
@@ -252,37 +251,9 @@ def print_table(rows: list[dict], title: str = "Attention layer, B=1 Hq=9 Hkv=3 
     Console(width=max(Console().width, 170)).print(table)  # wide: never wrap the columns
 
 
-def machine_info(device: str = "cpu") -> dict:
-    """What the timings depend on: torch build, threads, CPU model, device, load average now."""
-    cpuinfo = Path("/proc/cpuinfo")
-    models = (
-        [
-            ln.split(":", 1)[1].strip()
-            for ln in cpuinfo.read_text().splitlines()
-            if ln.startswith("model name")
-        ]
-        if cpuinfo.exists()
-        else []
-    )
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": models[0] if models else platform.processor(),
-        "device": device,
-        "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
 def plot_forward(rows: list[dict], path: Path) -> None:
     """Log-log time vs n per method: forward solid, forward+backward dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("benchmarks")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in METHODS:
@@ -309,11 +280,13 @@ def plot_forward(rows: list[dict], path: Path) -> None:
 
 def write_results(rows: list[dict], out_dir: str | Path, args: dict, name: str = "speed") -> dict[str, Path]:
     """`<name>.json` (machine info, arguments, rows) and `<name>.png` in `out_dir`, both atomically."""
+    from .evaluation import environment  # late: the forkserver preloads this module, kept light
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(args.get("device", "cpu")),
+        "machine": environment(args.get("device", "cpu")),
         "args": args,
         "rows": rows,
     }

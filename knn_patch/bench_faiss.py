@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .bench import machine_info
 from .cache import KNNCache
 from .extras import pyplot, require
 from .io import atomic_write, write_json_atomic
@@ -445,6 +444,14 @@ def main(argv: list[str] | None = None) -> None:
             args.tokens, layers=tuple(args.layers), k=args.k, options=ivf, sink_tokens=args.sink_tokens
         )
         print(result)
-    result.update(args=vars(args), machine=machine_info())
+    result.update(args=vars(args), machine=_environment())
     path = write_json_atomic(out / f"{args.what}.json", result)
     print(f"wrote {path}")
+
+
+def _environment(device: str = "cpu") -> dict:
+    """`evaluation.environment`, imported when a result is written: the benchmark's worker
+    processes import this module and need not load `evaluate`."""
+    from .evaluation import environment
+
+    return environment(device)

@@ -37,7 +37,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .bench import machine_info
 from .cache import KNNCache
 from .config import KNNConfig
 from .evaluation import setting_name
@@ -326,7 +325,7 @@ def write_results(result: dict[str, Any], out_dir: str | Path, name: str = "gene
     out = Path(out_dir)
     payload = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(result.get("args", {}).get("device", "cpu")),
+        "machine": _environment(result.get("args", {}).get("device", "cpu")),
         **result,
     }
     paths = {"json": write_json_atomic(out / f"{name}.json", payload), "png": out / f"{name}.png"}
@@ -451,3 +450,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     partial.unlink(missing_ok=True)
     print(f"wrote {paths['json']} and {paths['png']}")
     return result
+
+
+def _environment(device: str = "cpu") -> dict:
+    """`evaluation.environment`, imported when a result is written: the benchmark's worker
+    processes import this module and need not load `evaluate`."""
+    from .evaluation import environment
+
+    return environment(device)

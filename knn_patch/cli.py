@@ -10,9 +10,11 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -21,7 +23,14 @@ from accelerate import PartialState
 from .assets import bundled_corpus_dir
 from .config import KNNConfig
 from .data import load_documents, tokenize_documents
-from .evaluation import ensure_writable, environment, evaluate_perplexity, print_report, write_report
+from .evaluation import (
+    ensure_writable,
+    environment,
+    evaluate_perplexity,
+    print_report,
+    setting_name,
+    write_report,
+)
 from .io import write_json_atomic
 from .kernels.select import extension_available
 from .loading import load_model, load_tokenizer
@@ -291,23 +300,83 @@ def _layers(text: str) -> tuple[int, ...] | str:
     return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else text.strip()
 
 
+# What a --setting looks like, quoted in every error about one.
+SETTING_EXAMPLE = "--setting 'faiss k=32 sink_tokens=4 local_window=64'"
+# The KNNConfig fields that flags of their own set for every --k value and every --setting.
+_SHARED_FIELDS = ("backend", "backend_options", "layers", "sink_tokens", "local_window", "chunk_size")
+
+
+def _bad_setting(text: str, what: str) -> ValueError:
+    return ValueError(f"--setting {text!r}: {what} (e.g. {SETTING_EXAMPLE})")
+
+
+def _parse_setting(text: str) -> dict[str, Any]:
+    """One `--setting`: an optional backend name, then `field=value` pairs of KNNConfig fields, each
+    value a YAML scalar or flow collection ("k=sqrt", "layers=global", "layer_k={0: 256}",
+    "backend_options={rest: mean}"); `layers` also takes comma-separated indices, as --layers does.
+    Only the form is checked here; KNNConfig checks the values."""
+    if not text.strip():
+        raise _bad_setting(text, "it is empty")
+    names = [f.name for f in dataclasses.fields(KNNConfig)]
+    parts = re.split(r"\s+(?=\w+\s*=)", text.strip())  # a value may hold spaces: "layer_k={0: 256, 1: 64}"
+    entry: dict[str, Any] = {}
+    if "=" not in parts[0]:  # the backend's name
+        if not re.fullmatch(r"[\w.+-]+", parts[0]):
+            raise _bad_setting(text, f"{parts[0]!r} is neither a backend name nor field=value pairs")
+        entry["backend"] = parts.pop(0)
+    for part in parts:
+        key, _, value = (x.strip() for x in part.partition("="))
+        if key not in names:
+            raise _bad_setting(text, f"{key!r} is not a KNNConfig field ({', '.join(names)})")
+        if key in entry:
+            raise _bad_setting(text, f"{key} is given twice")
+        if not value:
+            raise _bad_setting(text, f"{key}= has no value")
+        try:
+            entry[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "malformed"
+            raise _bad_setting(text, f"{key}={value} is not a YAML value ({problem})") from err
+        if key == "layers" and isinstance(entry[key], (str, int)) and not isinstance(entry[key], bool):
+            entry[key] = _layers(str(entry[key]))
+    return entry
+
+
 def _settings(args: argparse.Namespace) -> list[KNNConfig]:
-    """The kNN settings of an eval: one per `--k` value, or the entries of a `--settings` file, each
-    validated (unknown keys and bad values name the entry) before anything loads."""
-    if args.settings is None:
-        return [
-            KNNConfig(
-                k=k.strip(),
-                backend=args.backend,
-                layers=args.layers,
-                sink_tokens=args.sink_tokens,
-                local_window=args.local_window,
-                chunk_size=args.chunk_size,
-                backend_options=args.backend_options,
-            )
-            for k in args.k.split(",")
-        ]
-    path = Path(args.settings)
+    """The kNN settings of an eval or a needle run, each validated (a bad one names itself) before
+    anything loads, and distinct. From one of three sources:
+
+    - the `--k` list: one setting per value, with the shared flags (--backend, --backend-options,
+      --layers, --sink-tokens, --local-window, --chunk-size);
+    - `--setting`, repeated: each starts from the shared flags and changes the fields it names; it
+      replaces the --k list;
+    - a `--settings` YAML file: each entry a whole KNNConfig (fields not given take KNNConfig's
+      defaults); only --chunk-size applies to them. With --setting too, it is an error."""
+    shared = {name: getattr(args, name) for name in _SHARED_FIELDS}
+    if args.setting and args.settings is not None:
+        raise ValueError(f"--setting and --settings both give the settings; use one, e.g. {SETTING_EXAMPLE}")
+    if args.setting:
+        configs = []
+        for text in args.setting:
+            fields = {**shared, **_parse_setting(text)}
+            try:
+                configs.append(KNNConfig(**fields))
+            except ValueError as err:
+                raise _bad_setting(text, str(err).rstrip(".")) from err
+    elif args.settings is None:
+        configs = [KNNConfig(**{**shared, "k": k.strip()}) for k in args.k.split(",")]
+    else:
+        configs = _settings_file(Path(args.settings), args.chunk_size)
+    names = [setting_name(c) for c in configs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"The kNN settings must differ; given more than once: {', '.join(twice)}.")
+    return configs
+
+
+def _settings_file(path: Path, chunk_size: int) -> list[KNNConfig]:
+    """The entries of a `--settings` YAML list, each a KNNConfig; unknown keys and bad values name
+    the entry."""
     try:
         entries = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -320,7 +389,7 @@ def _settings(args: argparse.Namespace) -> list[KNNConfig]:
     configs = []
     for i, entry in enumerate(entries):
         try:
-            configs.append(KNNConfig.from_dict({"chunk_size": args.chunk_size, **entry}))
+            configs.append(KNNConfig.from_dict({"chunk_size": chunk_size, **entry}))
         except (TypeError, ValueError) as err:
             raise ValueError(f"--settings {str(path)!r}, entry {i}: {err}") from err
     return configs
@@ -341,7 +410,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
         "hub dataset name",
     )
     p.add_argument("--dataset-config", default=None, help="hub dataset config, e.g. wikitext-103-raw-v1")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split of a hub dataset")
     p.add_argument("--column", default="text", help="text column of a .jsonl, .parquet or hub dataset")
     p.add_argument(
         "--name-column",
@@ -350,31 +419,59 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(KNNConfig) if f.name == name)
+
+
 def _field_help(name: str) -> str:
-    """A `KNNConfig` field's help, the single source of what it means and defaults to."""
-    help_ = next(f for f in dataclasses.fields(KNNConfig) if f.name == name).metadata["help"]
-    return help_.replace("%", "%%")  # argparse formats help with %
+    """A `KNNConfig` field's help, the single source of what it means."""
+    return _field(name).metadata["help"].replace("%", "%%")  # argparse formats help with %
+
+
+def _field_default(name: str) -> Any:
+    """A `KNNConfig` field's default, the single source of a flag's default that sets it."""
+    f = _field(name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _settings_arguments(p: argparse.ArgumentParser, *, k: str) -> None:
-    """The kNN settings run beside dense, shared by `eval` and `needle`: `--k` values with one
-    backend, sinks, window and layers, or a `--settings` YAML file."""
-    p.add_argument("--k", default=k, help="comma-separated k values or rules of n")
-    p.add_argument("--backend", default="topk")
+    """The kNN settings run beside dense, shared by `eval` and `needle` (see `_settings`): `--k`
+    values, or repeated `--setting`s, or a `--settings` YAML file. The flags of KNNConfig fields
+    take their help and defaults from its fields."""
+    p.add_argument(
+        "--k",
+        default=k,
+        help=f"comma-separated k values, one kNN setting each, with the flags below. {_field_help('k')}",
+    )
+    p.add_argument(
+        "--setting",
+        action="append",
+        default=None,
+        metavar="SETTING",
+        help="one whole kNN setting, repeatable, replacing the --k list: a backend name (optional), then "
+        "KNNConfig fields as field=value, each value YAML: 'faiss k=32 sink_tokens=4 local_window=64', "
+        "'k=sqrt layers=global layer_k={0: 256}', 'k=16 backend_options={rest: mean}'. Fields not named "
+        "come from --backend, --backend-options, --layers, --sink-tokens, --local-window, --chunk-size",
+    )
+    p.add_argument("--backend", default=_field_default("backend"), help=_field_help("backend"))
     p.add_argument(
         "--backend-options",
         type=_json_object,
-        default={},
-        help="the backend's options as a JSON object, e.g. "
-        '\'{"index": "ivf", "scan_fraction": 0.2}\' for faiss',
+        default=_field_default("backend_options"),
+        help=f"{_field_help('backend_options')} A JSON object, e.g. "
+        '\'{"index": "ivf", "scan_fraction": 0.2}\' for faiss, \'{"rest": "mean"}\' for topk',
     )
-    p.add_argument("--sink-tokens", type=int, default=0, help=_field_help("sink_tokens"))
-    p.add_argument("--local-window", type=int, default=0, help=_field_help("local_window"))
+    p.add_argument(
+        "--sink-tokens", type=int, default=_field_default("sink_tokens"), help=_field_help("sink_tokens")
+    )
+    p.add_argument(
+        "--local-window", type=int, default=_field_default("local_window"), help=_field_help("local_window")
+    )
     p.add_argument(
         "--layers",
         type=_layers,
         default="all",
-        help="kNN layers: 'all', 'global' (the full-attention layers of a hybrid model) or indices",
+        help=f"{_field_help('layers')} Here: 'all', 'global' or comma-separated indices.",
     )
     p.add_argument(
         "--settings",
@@ -382,9 +479,24 @@ def _settings_arguments(p: argparse.ArgumentParser, *, k: str) -> None:
         metavar="YAML",
         help="a YAML list of KNNConfig fields, one kNN setting each, all run beside dense on the same "
         "inputs (e.g. evals/configs/long_context.yaml); replaces --k, --backend, --backend-options, "
-        "--sink-tokens, --local-window and --layers",
+        "--sink-tokens, --local-window and --layers (not --chunk-size); not with --setting",
     )
-    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument(
+        "--chunk-size", type=int, default=_field_default("chunk_size"), help=_field_help("chunk_size")
+    )
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with each option's default where it has one its help does not state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_, default = action.help or "", action.default
+        if default is None or default is False or default == argparse.SUPPRESS or "default" in help_:
+            return help_
+        if isinstance(default, tuple):  # as it is typed: "1024,2048"
+            typed = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+            return f"{help_} (default: {typed})"
+        return f"{help_} (default: %(default)s)"
 
 
 def _eval_arguments(
@@ -490,14 +602,14 @@ def _needle_arguments(p: argparse.ArgumentParser) -> None:
         help="multikey: all needles, 1 asked (default 4); multivalue: values of the key; "
         "multiquery: keys asked",
     )
-    p.add_argument("--key-type", choices=KINDS, default="words")
-    p.add_argument("--value-type", choices=KINDS, default="numbers")
+    p.add_argument("--key-type", choices=KINDS, default="words", help="what the needles' keys are")
+    p.add_argument("--value-type", choices=KINDS, default="numbers", help="what the needles' values are")
     p.add_argument("--lengths", type=_comma_list(int), default=(1024, 2048), help="prompt lengths in tokens")
     p.add_argument(
         "--depths", type=_comma_list(float), default=(0.0, 0.25, 0.5, 0.75, 1.0), help="needle depths"
     )
     p.add_argument("--trials", type=int, default=4, help="prompts per (length, depth) cell")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the needles, their keys and values")
     p.add_argument("--max-new-tokens", type=int, default=None, help="decode budget (default: from the task)")
     p.add_argument(
         "--dense-prefill",
@@ -535,6 +647,56 @@ def run() -> None:
         main()
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The `knn-patch` parser; `bench` and `faiss-bench` parse their own options (`main`)."""
+    parser = argparse.ArgumentParser(prog="knn-patch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, formatter_class=_HelpFormatter)
+
+    p = add("demo", help="the eval command on the embedded model and bundled speeches")
+    _eval_arguments(p, max_docs=12, min_tokens=2048, max_tokens=2048, out="outputs/demo")
+    p = add("eval", help=eval_.__doc__.splitlines()[0])
+    _eval_arguments(p, max_docs=None, min_tokens=2, max_tokens=None, out="outputs/eval")
+    p = add("frontier", help=frontier.__doc__.splitlines()[0])
+    _frontier_arguments(p)
+    p = add("needle", help=needle.__doc__)
+    _needle_arguments(p)
+    p = add("report", help=report.__doc__)
+    p.add_argument("result", help="a perplexity.json, needle.json or their .partial.json")
+    p.set_defaults(func=report)
+    p = add("finetune", help="fine-tune under kNN attention from a recipe YAML (recipes/configs)")
+    p.set_defaults(func=finetune)
+    add_finetune_arguments(p)
+    p = add("approx", help=approx.__doc__)
+    p.add_argument(
+        "--parts",
+        default="synthetic,activations,gradients,quality",
+        help="comma-separated parts: synthetic (the paper's), activations (real ones), gradients "
+        "(sampled), quality",
+    )
+    p.add_argument("--size", choices=("default", "quick"), default="default", help="quick: a smoke run")
+    p.add_argument("--model", default="default", help="the model of parts 2 and 4 (as for eval)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="part 2's document length (longer than a sliding window to see it)",
+    )
+    p.add_argument("--out", default="outputs/approx", help="folder for the report's JSON, tables and plots")
+    p.set_defaults(func=approx)
+    p = add("prepare", help=prepare.__doc__)
+    p.set_defaults(func=prepare)
+    sub.add_parser(
+        "bench",
+        help="attention kernel speed and memory against SDPA and eager; `bench generate`: whole-model "
+        "prefill and decode speed and memory, dense against faiss and topk",
+    )
+    sub.add_parser("faiss-bench", help="faiss backend: full-sequence growth, KNNCache decode, recall")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["bench", "generate"]:  # `knn-patch bench generate --help`
@@ -550,43 +712,7 @@ def main(argv: list[str] | None = None) -> None:
         from .bench_faiss import main as faiss_bench_main
 
         return faiss_bench_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="knn-patch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="the eval command on the embedded model and bundled speeches")
-    _eval_arguments(p, max_docs=12, min_tokens=2048, max_tokens=2048, out="outputs/demo")
-    p = sub.add_parser("eval", help=eval_.__doc__.splitlines()[0])
-    _eval_arguments(p, max_docs=None, min_tokens=2, max_tokens=None, out="outputs/eval")
-    p = sub.add_parser("frontier", help=frontier.__doc__.splitlines()[0])
-    _frontier_arguments(p)
-    p = sub.add_parser("needle", help=needle.__doc__)
-    _needle_arguments(p)
-    p = sub.add_parser("report", help=report.__doc__)
-    p.add_argument("result", help="a perplexity.json, needle.json or their .partial.json")
-    p.set_defaults(func=report)
-    p = sub.add_parser("finetune", help="fine-tune under kNN attention from a recipe YAML (recipes/configs)")
-    p.set_defaults(func=finetune)
-    add_finetune_arguments(p)
-    p = sub.add_parser("approx", help=approx.__doc__)
-    p.add_argument("--parts", default="synthetic,activations,gradients,quality", help="comma-separated")
-    p.add_argument("--size", choices=("default", "quick"), default="default", help="quick: a smoke run")
-    p.add_argument("--model", default="default", help="the model of parts 2 and 4 (as for eval)")
-    p.add_argument(
-        "--tokens",
-        type=int,
-        default=None,
-        help="part 2's document length (longer than a sliding window to see it)",
-    )
-    p.add_argument("--out", default="outputs/approx")
-    p.set_defaults(func=approx)
-    p = sub.add_parser("prepare", help=prepare.__doc__)
-    p.set_defaults(func=prepare)
-    sub.add_parser(
-        "bench",
-        help="attention kernel speed and memory against SDPA and eager; `bench generate`: whole-model "
-        "prefill and decode speed and memory, dense against faiss and topk",
-    )
-    sub.add_parser("faiss-bench", help="faiss backend: full-sequence growth, KNNCache decode, recall")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.func(args)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import platform
 import subprocess
 import tempfile
@@ -18,22 +19,24 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import evaluate
 import torch
 import transformers
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from evaluate import saving as evaluate_saving
-from rich import box
-from rich.console import Console
-from rich.table import Table
 from tqdm.auto import tqdm
 
 from . import __version__
 from .config import KNNConfig, is_global_layer
+from .extras import pyplot, require
 from .io import atomic_write, write_json_atomic
 from .patcher import get_config, patch, unpatch
 from .perplexity import window_nll, windows
+
+evaluate = require("evaluate", "evaluation")
+evaluate_saving = require("evaluate.saving", "evaluation")
+box = require("rich.box", "evaluation")
+Console = require("rich.console", "evaluation").Console
+Table = require("rich.table", "evaluation").Table
 
 DENSE = "dense"
 
@@ -59,6 +62,9 @@ def _label(config: Mapping[str, Any], with_k: bool = True) -> str:
     parts += [f"window={config['local_window']}" if config.get("local_window") else ""]
     if config.get("layers") is not None:
         parts.append(f"layers={_layers_label(config['layers'])}")
+    if config.get("layer_k"):  # saved keys are strings
+        per_layer = sorted(config["layer_k"].items(), key=lambda item: int(item[0]))
+        parts.append("layer_k=" + ",".join(f"{layer}:{k}" for layer, k in per_layer))
     parts += [f"{key}={value}" for key, value in sorted((config.get("backend_options") or {}).items())]
     return " ".join(p for p in parts if p)
 
@@ -355,18 +361,39 @@ def git_commit() -> dict[str, Any] | None:
     return {"commit": lines[1], "dirty": dirty}
 
 
-def environment() -> dict[str, Any]:
-    """Versions, code commit and machine facts recorded with every result; collected silently."""
+def _cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def environment(device: str | None = None) -> dict[str, Any]:
+    """Versions, code commit and machine facts recorded with every result, timings' too (threads,
+    CPU, load average now); collected silently. `device`, the one a run used ("cpu", "cuda:1"), is
+    recorded as given; `cuda` names its GPU, or the default one when there is a GPU and no device."""
+    if device is None:
+        gpu = "cuda" if torch.cuda.is_available() else None
+    else:
+        gpu = device if device.startswith("cuda") else None
     return {
         "knn_patch": __version__,
         "git": git_commit(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "device": device,
+        "cuda": torch.cuda.get_device_name(gpu) if gpu else None,
     }
 
 
@@ -425,10 +452,79 @@ def _evaluate_commit(commit: str | None) -> Iterator[None]:
             evaluate_saving._git_commit_hash = saved
 
 
+# Candidate ratio ticks of the log y axis: fine near 1, where the settings worth reading lie.
+_RATIO_TICKS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 1, 1.01, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 2, 3, 5, 10, 20)
+
+
+def _spread(ticks: Sequence[float], anchor: float, span: float, share: float = 0.06) -> list[float]:
+    """`ticks` and `anchor`, less those closer than `share` of the axis' log10 `span` to a kept tick,
+    kept outward from `anchor`: labels of nearby ticks on a log axis overlap."""
+    kept = [anchor]
+    above, below = sorted(t for t in ticks if t > anchor), sorted(t for t in ticks if t < anchor)[::-1]
+    for side in (above, below):
+        last = anchor
+        for t in side:
+            if abs(math.log10(t / last)) >= share * span:
+                kept.append(t)
+                last = t
+    return sorted(kept)
+
+
+def _number(x: float) -> str:
+    """A tick label: keys read are whole numbers unless averaged over layers."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
+def _plot_ratios(result: dict[str, Any], path: Path) -> None:
+    """Ratio to dense against the keys a query reads, one curve per setting apart from k, both axes
+    logarithmic: x ticks at the points' keys, plainly numbered; y ticks at round ratios, so that a
+    9x point does not flatten the region near 1 where the useful settings lie."""
+    plt = pyplot("eval")
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
+
+    n, totals = result["max_length"], result["totals"]
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for s in result["settings"]:
+        if s["config"]:
+            curves.setdefault(_label(s["config"], with_k=False), []).append(
+                (_keys(s, n), totals[s["name"]]["ratio_to_dense"])
+            )
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, points in sorted(curves.items()):
+        points.sort()
+        ax.plot([k for k, _ in points], [r for _, r in points], "o-", label=label)
+    ax.axhline(1.0, color="gray", linestyle="--", label="dense")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    keys = sorted({k for points in curves.values() for k, _ in points})
+    ratios = [r for points in curves.values() for _, r in points] + [1.0]
+    if keys:
+        xs = _spread(keys, keys[0], math.log10(keys[-1] / keys[0]), share=0.04)
+        ax.xaxis.set_major_locator(FixedLocator(xs))
+        ax.xaxis.set_major_formatter(FixedFormatter([_number(x) for x in xs]))
+    # the y axis runs from a round ratio to a round ratio, so that its end points are labelled
+    lo = max((t for t in _RATIO_TICKS if t <= min(ratios)), default=min(ratios))
+    hi = min((t for t in _RATIO_TICKS if t >= max(ratios)), default=max(ratios))
+    pad = (hi / lo) ** 0.05 if hi > lo else 1.01  # 5% of the axis each side
+    ax.set_ylim(lo / pad, hi * pad)
+    ys = _spread([t for t in _RATIO_TICKS if lo <= t <= hi], 1.0, math.log10(hi / lo), share=0.05)
+    ax.yaxis.set_major_locator(FixedLocator(ys))
+    ax.yaxis.set_major_formatter(FixedFormatter([f"{y:g}" for y in ys]))
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
+    ax.set_xlabel(f"keys read per query (sinks + window + k; max_length {n})")
+    ax.set_ylabel("perplexity / dense")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
 def write_report(result: dict[str, Any], out_dir: str | Path, name: str = "perplexity") -> dict[str, Path]:
-    """`<name>.json` and `<name>.png` (ratio to dense against the keys a query reads, log-x, one line
-    per setting apart from k), atomically, and a timestamped `evaluate.save` record of the totals
-    under `evaluate/`, one per run, whose commit is knn_patch's (`git_commit`)."""
+    """`<name>.json` and `<name>.png` (ratio to dense against the keys a query reads, log-log, one
+    line per setting apart from k: `_plot_ratios`), atomically, and a timestamped `evaluate.save`
+    record of the totals under `evaluate/`, one per run, whose commit is knn_patch's (`git_commit`)."""
     out = Path(out_dir)
     paths = {"json": write_json_atomic(out / f"{name}.json", result), "png": out / f"{name}.png"}
     totals = result["totals"]
@@ -448,29 +544,5 @@ def write_report(result: dict[str, Any], out_dir: str | Path, name: str = "perpl
                 },
             )
         )
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    n = result["max_length"]
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for s in result["settings"]:
-        if s["config"]:
-            keys = _keys(s, n)
-            curves.setdefault(_label(s["config"], with_k=False), []).append(
-                (keys, totals[s["name"]]["ratio_to_dense"])
-            )
-    for label, points in sorted(curves.items()):
-        points.sort()
-        ax.plot([k for k, _ in points], [r for _, r in points], "o-", label=label)
-    ax.axhline(1.0, color="gray", linestyle="--", label="dense")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"keys read per query (sinks + window + k; max_length {n})")
-    ax.set_ylabel("perplexity / dense")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    atomic_write(paths["png"], lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    plt.close(fig)
+    _plot_ratios(result, paths["png"])
     return paths

@@ -218,3 +218,105 @@ def test_frontier_writes_table_json_and_plot_and_report_reads_it(tmp_path, capsy
     assert "topk+mean+first" in capsys.readouterr().out.split("windows of 256")[-1]
     with pytest.raises(ValueError, match="choose from"):
         main(["frontier", "--methods", "nearest", "--out", str(out)])
+
+
+def _parser():
+    from knn_patch.cli import build_parser
+
+    return build_parser()
+
+
+def test_every_option_of_every_command_has_help_and_knnconfig_flags_read_its_fields():
+    import argparse
+    import dataclasses
+
+    from knn_patch import KNNConfig
+
+    (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for command in ("demo", "eval", "needle", "frontier", "approx", "report"):
+        actions = sub.choices[command]._actions
+        assert not [a.dest for a in actions if not a.help], command
+    fields = {f.name: f for f in dataclasses.fields(KNNConfig)}
+    flags = {a.dest: a for a in sub.choices["eval"]._actions}
+    for name in ("k", "backend", "backend_options", "layers", "sink_tokens", "local_window", "chunk_size"):
+        assert fields[name].metadata["help"].replace("%", "%%") in flags[name].help, name
+    for name in ("backend", "sink_tokens", "local_window", "chunk_size"):
+        assert flags[name].default == fields[name].default, name
+    assert flags["k"].default == "16,64,sqrt,n^0.125" and flags["backend_options"].default == {}
+
+
+@pytest.mark.parametrize(
+    ("setting", "want"),
+    [
+        ("faiss k=32 sink_tokens=4", dict(backend="faiss", k=32, sink_tokens=4)),
+        ("k=sqrt local_window=9 layers=global", dict(k="sqrt", local_window=9, layers="global")),
+        ("k=4 layer_k={0: 256, 1: n^0.5}", dict(k=4, layer_k={0: 256, 1: "n^0.5"})),
+        ("k=16 backend_options={rest: mean}", dict(k=16, backend_options={"rest": "mean"})),
+        ("k=n^0.125 layers=0,2", dict(k="n^0.125", layers=(0, 2))),
+        ("k = 8 layers=[3, 1]", dict(k=8, layers=(1, 3))),
+        ("tail k=8 backend_options={m: 4}", dict(backend="tail", k=8, backend_options={"m": 4})),
+    ],
+)
+def test_a_setting_is_an_optional_backend_then_fields_with_yaml_values(setting, want):
+    from knn_patch import KNNConfig
+    from knn_patch.cli import _settings
+
+    args = _parser().parse_args(["eval", "--setting", setting, "--k", "99"])
+    assert _settings(args) == [KNNConfig(**want)]  # the --k list is replaced
+
+
+def test_a_setting_starts_from_the_shared_flags():
+    from knn_patch import KNNConfig
+    from knn_patch.cli import _settings
+
+    args = _parser().parse_args(["needle", "--sink-tokens", "4", "--local-window", "16", "--chunk-size", "64",
+                                 "--setting", "k=8", "--setting", "faiss k=8 local_window=0"])  # fmt: skip
+    assert _settings(args) == [
+        KNNConfig(k=8, sink_tokens=4, local_window=16, chunk_size=64),
+        KNNConfig(backend="faiss", k=8, sink_tokens=4, chunk_size=64),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        (["kk=3"], r"--setting 'kk=3': 'kk' is not a KNNConfig field \(k, backend,"),
+        (["faiss topk k=3"], r"'faiss topk' is neither a backend name nor field=value pairs"),
+        ([""], r"--setting '': it is empty"),
+        (["k="], r"k= has no value"),
+        (["k=3 layer_k={0: 1"], r"layer_k=\{0: 1 is not a YAML value"),
+        (["topk k=3 backend=faiss"], r"backend is given twice"),
+        (["k=0"], r"--setting 'k=0': KNNConfig.k=0 is invalid"),
+        (["nosuch k=3"], r"KNNConfig.backend='nosuch' is unknown"),
+        (["faiss k=3 backend_options={nprobe: 0}"], r"nprobe"),
+        (["k=3", "k=3"], r"must differ; given more than once: topk k=3"),
+    ],
+)
+def test_a_bad_setting_fails_in_one_line_with_an_example_before_the_model_loads(
+    tmp_path, monkeypatch, settings, match
+):
+    import knn_patch.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=match) as err:
+        main(["eval", *[a for s in settings for a in ("--setting", s)], "--out", str(tmp_path)])
+    assert "\n" not in str(err.value)
+    assert "differ" in match or str(err.value).endswith(f"(e.g. {cli.SETTING_EXAMPLE})")
+
+
+def test_setting_and_settings_together_is_an_error(tmp_path):
+    path = tmp_path / "settings.yaml"
+    path.write_text("- {k: 8}\n")
+    with pytest.raises(ValueError, match="--setting and --settings both give the settings; use one"):
+        main(["eval", "--setting", "k=8", "--settings", str(path), "--out", str(tmp_path)])
+
+
+def test_eval_runs_each_setting_beside_dense(tmp_path):
+    settings = ["k=4 sink_tokens=2 local_window=8", "topk k=sqrt backend_options={rest: mean}"]
+    main(["eval", "--max-docs", "1", "--min-tokens", "300", "--max-tokens", "300", "--max-length", "128",
+          "--setting", settings[0], "--setting", settings[1], "--out", str(tmp_path)])  # fmt: skip
+    result = json.loads((tmp_path / "perplexity.json").read_text())
+    names = ["dense", "topk k=4 sinks=2 window=8", "topk k=sqrt rest=mean"]
+    assert [s["name"] for s in result["settings"]] == names and result["args"]["setting"] == settings
+    assert all(result["totals"][name]["tokens"] == 300 - 3 for name in names)  # 3 windows: 3 unscored
+    assert (tmp_path / "perplexity.png").exists()

@@ -86,6 +86,44 @@ def test_reports(docs, tmp_path):
     assert record["perplexity"] == {name: t["perplexity"] for name, t in result["totals"].items()}
 
 
+def _result(points: list[tuple[int, int, int, float]]) -> dict:
+    """A saved result's plotted part: (k, sinks, window, ratio to dense) per kNN setting at n = 2048."""
+    settings, totals = [{"name": "dense", "config": None}], {"dense": {"ratio_to_dense": 1.0}}
+    for k, sinks, window, ratio in points:
+        config = KNNConfig(k=k, sink_tokens=sinks, local_window=window).to_dict()
+        name = setting_name(KNNConfig.from_dict(config))
+        settings.append({"name": name, "config": config, "keys_read_at_max_length": sinks + window + k})
+        totals[name] = {"ratio_to_dense": ratio}
+    return {"max_length": 2048, "settings": settings, "totals": totals}
+
+
+def test_the_plot_labels_each_points_keys_and_round_ratios_on_log_axes(tmp_path, monkeypatch):
+    """Plain numbers at the keys the points read, none overlapping; a 9x point neither flattens the
+    ratios near 1 (log y) nor goes unlabelled (the axis ends on a round ratio)."""
+    import matplotlib.pyplot as plt
+
+    from knn_patch.evaluation import _plot_ratios
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    _plot_ratios(_result([(3, 0, 0, 9.1), (16, 0, 0, 1.8), (46, 0, 0, 1.3), (64, 0, 0, 1.15),
+                          (16, 4, 64, 1.04), (32, 4, 64, 1.02)]), tmp_path / "plot.png")  # fmt: skip
+    ((ax,),) = [fig.axes for fig in figures]
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["3", "16", "46", "64", "84", "100"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "1.2", "1.5", "2", "3", "5", "10"]
+    assert not [t for t in ax.get_xticklabels(minor=True) + ax.get_yticklabels(minor=True) if t.get_text()]
+    _plot_ratios(_result([(16, 0, 0, 1.008), (32, 0, 0, 1.003), (64, 0, 0, 0.995)]), tmp_path / "near.png")
+    assert [t.get_text() for t in figures[1].axes[0].get_yticklabels()] == ["0.99", "1", "1.01"]
+
+
+def test_environment_records_versions_and_what_timings_depend_on():
+    env = environment("cpu")
+    assert {"knn_patch", "git", "torch", "transformers", "python", "platform", "cpu_model"} <= set(env)
+    assert env["threads"] == torch.get_num_threads() and env["cpu_count"] and "loadavg" in env
+    assert env["device"] == "cpu" and env["cuda"] is None  # a CPU run on a GPU machine names no GPU
+
+
 def test_decode_mode_equals_sliding_mode(docs):
     """Exact top-k is per query and causal, so token-by-token decoding through the cache scores
     exactly what one sliding forward scores, dense or kNN; only a dense prefill changes kNN."""
@@ -190,6 +228,8 @@ def test_setting_names_show_everything_that_changes_attention():
         KNNConfig(k=32, backend="faiss"),
         KNNConfig(k=32, backend="faiss", backend_options={"index": "hnsw"}),
         KNNConfig(k=32, backend="tail", backend_options={"m": 8}),
+        KNNConfig(k=32, layer_k={0: 256}),
+        KNNConfig(k=32, layer_k={0: 256, 1: 64}),
     ]
     assert len({setting_name(c) for c in distinct}) == len(distinct)
 
