@@ -32,8 +32,8 @@ def worker(
     import torch
 
     import knn_patch
-    from knn_patch.peak_memory import reset_peak_rss, status_bytes
-    from knn_patch.perplexity import window_nll
+    from knn_patch.bench.peak_memory import reset_peak_rss, status_bytes
+    from knn_patch.eval.perplexity import window_nll
 
     model = knn_patch.load_model(model_name, dtype=getattr(torch, dtype)).to(device).eval()
     if k is not None:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
 
-    from knn_patch.evaluation import environment
+    from knn_patch.eval.evaluation import environment
     from knn_patch.io import write_json_atomic
 
     rows = [measure(args, tokens, method) for tokens in args.tokens for method in args.method]

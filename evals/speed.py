@@ -6,7 +6,7 @@ Prints a table and writes <out>/speed.json and <out>/speed.png. See knn_patch/be
 measured and how.
 """
 
-from knn_patch.bench import main
+from knn_patch.bench.kernel import main
 
 if __name__ == "__main__":
     main()

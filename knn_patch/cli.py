@@ -22,8 +22,8 @@ from accelerate import PartialState
 
 from .assets import bundled_corpus_dir
 from .config import KNNConfig
-from .data import load_documents, tokenize_documents
-from .evaluation import (
+from .eval.data import load_documents, tokenize_documents
+from .eval.evaluation import (
     ensure_writable,
     environment,
     evaluate_perplexity,
@@ -35,8 +35,8 @@ from .io import write_json_atomic
 from .kernels.select import extension_available
 from .loading import load_model, load_tokenizer
 from .patcher import UnsupportedModelError
-from .training import add_arguments as add_finetune_arguments
-from .training import run_from_args as finetune
+from .train.training import add_arguments as add_finetune_arguments
+from .train.training import run_from_args as finetune
 
 
 def _partial(path: Path, resume: bool) -> tuple[Path, dict | None]:
@@ -144,7 +144,7 @@ def report(args: argparse.Namespace) -> None:
     result = json.loads(Path(args.result).read_text())
     partial = not result.get("complete", True)
     if "prompts" in result:  # a needle run
-        from .needle import print_report as print_needles
+        from .eval.needle import print_report as print_needles
 
         done = " (partial: the prompts finished so far)" if partial else ""
         print_needles(
@@ -153,7 +153,7 @@ def report(args: argparse.Namespace) -> None:
         return
     done = " (partial: the documents finished so far)" if partial else ""
     if "rows" in result:  # a frontier run
-        from .frontier import print_frontier
+        from .eval.frontier import print_frontier
 
         print_frontier(
             result, f"{args.result}: {len(result['documents'])} windows of {result['max_length']}{done}"
@@ -165,7 +165,7 @@ def report(args: argparse.Namespace) -> None:
 def frontier(args: argparse.Namespace) -> dict:
     """Perplexity relative to dense against the share of keys read, for each method at each budget,
     beside dense on the same windows: a table, frontier.json and frontier.png."""
-    from .frontier import METHODS, print_frontier, run_frontier, write_frontier
+    from .eval.frontier import METHODS, print_frontier, run_frontier, write_frontier
 
     out = ensure_writable(args.out)  # fail before the long work, not after it
     unknown = [m for m in args.methods if m not in METHODS]
@@ -201,9 +201,9 @@ def frontier(args: argparse.Namespace) -> dict:
 
 def needle(args: argparse.Namespace) -> dict:
     """Needle-in-a-haystack retrieval (RULER's NIAH tasks), dense against kNN settings on the same prompts."""
-    from .needle import SNAP_TOKENS, Grid, NeedleTask, check_lengths, run_needle
-    from .needle import print_report as print_needles
-    from .needle import write_report as write_needles
+    from .eval.needle import SNAP_TOKENS, Grid, NeedleTask, check_lengths, run_needle
+    from .eval.needle import print_report as print_needles
+    from .eval.needle import write_report as write_needles
 
     out = ensure_writable(args.out)  # fail before the long work, not after it
     task = NeedleTask(args.task, args.needles, args.key_type, args.value_type)  # bad input fails here
@@ -254,7 +254,7 @@ def _long_document(tokenizer, n_tokens: int) -> tuple[str, list[int]]:
 
 def approx(args: argparse.Namespace) -> dict:
     """The approximation report: synthetic (paper), real activations, sampled gradients, quality."""
-    from . import approximation
+    from .bench import approximation
 
     out = ensure_writable(args.out)  # fail before the long work, not after it
     parts = [p.strip() for p in args.parts.split(",")]
@@ -527,7 +527,7 @@ def _eval_arguments(
         help="score only positions >= this in each document (context before)",
     )
     p.add_argument(
-        "--mode", choices=("sliding", "decode"), default="sliding", help="see knn_patch.evaluation"
+        "--mode", choices=("sliding", "decode"), default="sliding", help="see knn_patch.eval.evaluation"
     )
     p.add_argument(
         "--dense-prefill", action="store_true", help="decode mode: one dense prefill shared by all settings"
@@ -557,7 +557,7 @@ def _comma_list(cast: type) -> Callable[[str], tuple]:
 
 
 def _frontier_arguments(p: argparse.ArgumentParser) -> None:
-    from .frontier import METHODS
+    from .eval.frontier import METHODS
 
     _model_arguments(p)
     p.add_argument("--max-length", type=int, default=4096, help="window length n: one window per document")
@@ -581,7 +581,7 @@ def _frontier_arguments(p: argparse.ArgumentParser) -> None:
         "--methods",
         type=_comma_list(str),
         default=("topk", "topk+mean", "topk+mean+first", "tail"),
-        help=f"comma-separated, from {', '.join(METHODS)} (see knn_patch.frontier)",
+        help=f"comma-separated, from {', '.join(METHODS)} (see knn_patch.eval.frontier)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue a stopped run from OUT/frontier.partial.json"
@@ -591,10 +591,12 @@ def _frontier_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _needle_arguments(p: argparse.ArgumentParser) -> None:
-    from .needle import KINDS, TASKS
+    from .eval.needle import KINDS, TASKS
 
     _model_arguments(p)
-    p.add_argument("--task", choices=TASKS, default="multikey", help="RULER's NIAH tasks (knn_patch.needle)")
+    p.add_argument(
+        "--task", choices=TASKS, default="multikey", help="RULER's NIAH tasks (knn_patch.eval.needle)"
+    )
     p.add_argument(
         "--needles",
         type=int,
@@ -700,16 +702,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["bench", "generate"]:  # `knn-patch bench generate --help`
-        from .bench_generate import main as generate_main
+        from .bench.generate import main as generate_main
 
         generate_main(argv[2:])
         return None
     if argv[:1] == ["bench"]:  # its options are its own: `knn-patch bench --help`
-        from .bench import main as bench_main
+        from .bench.kernel import main as bench_main
 
         return bench_main(argv[1:])
     if argv[:1] == ["faiss-bench"]:  # `knn-patch faiss-bench --help`
-        from .bench_faiss import main as faiss_bench_main
+        from .bench.faiss import main as faiss_bench_main
 
         return faiss_bench_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -8,14 +8,14 @@
     torchrun --standalone --nproc_per_node 2 recipes/finetune.py --config ...            # CPU processes
 
 `knn-patch finetune --config ...` does the same. The data pipeline, the training loop, the
-evaluation and the checkpoints live in `knn_patch.training`; the config keys are documented in
-`knn_patch.recipe_config`.
+evaluation and the checkpoints live in `knn_patch.train.training`; the config keys are documented in
+`knn_patch.train.recipe_config`.
 """
 
 import argparse
 
 from knn_patch.cli import user_errors
-from knn_patch.training import add_arguments, run_from_args
+from knn_patch.train.training import add_arguments, run_from_args
 
 if __name__ == "__main__":
     parser = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))

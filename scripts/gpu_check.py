@@ -37,7 +37,7 @@ TESTS = ["tests/test_cuda.py", "tests/test_faiss.py", "-k", "cuda"]
 # minutes on a lent GPU are few. eager keeps the bench's 8 GB limit, so it runs at 4k only.
 BENCH_ARGS = ["--device", "cuda", "--n", "4096", "16384", "65536", "--repeats", "2", "--max-sampled-n", "0"]
 # `knn-patch bench` without the CLI: knn_patch.cli imports datasets and evaluate, which the device lacks
-BENCH = "import sys; from knn_patch.bench import main; main(sys.argv[1:])"
+BENCH = "import sys; from knn_patch.bench.kernel import main; main(sys.argv[1:])"
 SHOWN = ("topk", "tail", "sdpa", "eager")
 # Per-step limits: 7.5 minutes in all, inside the device tool's 10-minute command limit.
 TIMEOUT_S = {"install": 60, "tests": 120, "bench": 270}

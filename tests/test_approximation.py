@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from knn_patch import approximation
-from knn_patch.activations import capture_activations
+from knn_patch.bench import approximation
+from knn_patch.bench.activations import capture_activations
 
 
 def test_quick_report_runs_every_part_and_writes_json_and_plots(tmp_path):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from knn_patch.bench import (
+from knn_patch.bench.kernel import (
     METHODS,
     METRICS,
     RATIOS,

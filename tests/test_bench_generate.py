@@ -8,7 +8,7 @@ import torch
 from tiny_models import tiny_model
 
 from knn_patch import load_tokenizer
-from knn_patch.bench_generate import knn_config, print_table, run_generation_benchmark, write_results
+from knn_patch.bench.generate import knn_config, print_table, run_generation_benchmark, write_results
 from knn_patch.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")

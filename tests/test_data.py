@@ -7,7 +7,7 @@ import pytest
 
 from knn_patch import load_tokenizer
 from knn_patch.assets import bundled_corpus_dir
-from knn_patch.data import join_documents, load_documents, tokenize_documents
+from knn_patch.eval.data import join_documents, load_documents, tokenize_documents
 from knn_patch.loading import HubUnavailableError
 
 
@@ -135,7 +135,7 @@ def test_local_files_shaped_like_pg19(tmp_path, hf_cache, suffix):
 @pytest.fixture
 def fake_hub(monkeypatch):
     """The hub as reachable, answering `load_dataset` from PG19_ROWS; records each call's arguments."""
-    import knn_patch.data as data
+    import knn_patch.eval.data as data
 
     calls = []
 

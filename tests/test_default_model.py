@@ -7,7 +7,7 @@ import torch
 
 import knn_patch
 from knn_patch.assets import bundled_corpus_dir
-from knn_patch.perplexity import document_nll
+from knn_patch.eval.perplexity import document_nll
 
 pytestmark = pytest.mark.slow
 

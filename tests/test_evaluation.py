@@ -11,7 +11,7 @@ from tiny_models import tiny_model
 
 import knn_patch
 from knn_patch import KNNConfig
-from knn_patch.evaluation import (
+from knn_patch.eval.evaluation import (
     environment,
     evaluate_perplexity,
     keys_read,
@@ -19,7 +19,7 @@ from knn_patch.evaluation import (
     setting_name,
     write_report,
 )
-from knn_patch.perplexity import document_nll, windows
+from knn_patch.eval.perplexity import document_nll, windows
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_the_plot_labels_each_points_keys_and_round_ratios_on_log_axes(tmp_path,
     ratios near 1 (log y) nor goes unlabelled (the axis ends on a round ratio)."""
     import matplotlib.pyplot as plt
 
-    from knn_patch.evaluation import _plot_ratios
+    from knn_patch.eval.evaluation import _plot_ratios
 
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)

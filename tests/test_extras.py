@@ -74,7 +74,7 @@ def test_the_core_patches_with_every_backend_and_caches_without_any_extra():
 
 @pytest.mark.parametrize(
     ("module", "blocked", "extra"),
-    [("knn_patch.data", "datasets", "eval"), ("knn_patch.training", "peft", "train")],
+    [("knn_patch.eval.data", "datasets", "eval"), ("knn_patch.train.training", "peft", "train")],
 )
 def test_a_missing_extra_fails_with_one_line_naming_it(module, blocked, extra):
     body = f"""

@@ -13,7 +13,7 @@ from tiny_models import tiny_model
 
 import knn_patch
 from knn_patch import KNNConfig
-from knn_patch.activations import capture_activations
+from knn_patch.bench.activations import capture_activations
 from knn_patch.kernels import index as index_module
 from knn_patch.kernels import retrieval as retrieval_module
 from knn_patch.kernels import select as select_module

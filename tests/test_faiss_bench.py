@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from knn_patch import bench_faiss
-from knn_patch.bench_faiss import _index_options, fit_exponent, main, real_inputs, run_decode, run_growth
+from knn_patch.bench import faiss as bench_faiss
+from knn_patch.bench.faiss import _index_options, fit_exponent, main, real_inputs, run_decode, run_growth
 from knn_patch.kernels.index import validate_index_options
 
 pytest.importorskip("faiss")

@@ -10,8 +10,8 @@ from rich.console import Console
 from tiny_models import tiny_model
 
 from knn_patch.config import PRESETS
-from knn_patch.evaluation import keys_read
-from knn_patch.frontier import (
+from knn_patch.eval.evaluation import keys_read
+from knn_patch.eval.frontier import (
     METHODS,
     frontier_settings,
     method_config,

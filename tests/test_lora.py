@@ -12,8 +12,8 @@ from tiny_models import tiny_model
 
 import knn_patch
 from knn_patch import load_tokenizer
-from knn_patch.recipe_config import load_recipe
-from knn_patch.training import build_model, finetune, lora_targets
+from knn_patch.train.recipe_config import load_recipe
+from knn_patch.train.training import build_model, finetune, lora_targets
 
 TINY = Path(__file__).resolve().parent.parent / "recipes" / "configs" / "tiny_debug.yaml"
 

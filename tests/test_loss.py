@@ -10,8 +10,8 @@ from tiny_models import _COMMON, FAMILIES, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import knn_patch
-from knn_patch import loss
-from knn_patch.loss import causal_lm_nll
+from knn_patch.train import loss
+from knn_patch.train.loss import causal_lm_nll
 
 # Post-processing made to matter: softcaps and scales far from 1, and (in `model`) an output embedding
 # scaled up so that logits reach tens, where a missed softcap or scale changes every token's NLL.

@@ -8,7 +8,7 @@ import torch
 from tiny_models import tiny_model
 
 from knn_patch import KNNConfig
-from knn_patch.evaluation import evaluate_perplexity
+from knn_patch.eval.evaluation import evaluate_perplexity
 
 METRIC = str(Path(__file__).parents[1] / "evals" / "metrics" / "knn_perplexity")
 

@@ -9,9 +9,8 @@ from rich.console import Console
 from tiny_models import tiny_model
 
 from knn_patch import KNNConfig, get_config
-from knn_patch.data import load_documents, tokenize_documents
-from knn_patch.loading import load_tokenizer
-from knn_patch.needle import (
+from knn_patch.eval.data import load_documents, tokenize_documents
+from knn_patch.eval.needle import (
     NEEDLE,
     SNAP_TOKENS,
     Grid,
@@ -23,6 +22,7 @@ from knn_patch.needle import (
     wilson,
     write_report,
 )
+from knn_patch.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")

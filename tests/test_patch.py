@@ -253,7 +253,7 @@ def test_a_scoped_backend_is_gone_after_its_block_even_on_error():
 
 
 def test_capturing_activations_leaves_no_backend_and_keeps_no_tensor():
-    from knn_patch.activations import capture_activations
+    from knn_patch.bench.activations import capture_activations
 
     model = tiny_model("llama")
     before = knn_patch.available_backends(), set(AttentionInterface._global_mapping)

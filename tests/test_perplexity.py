@@ -5,8 +5,8 @@ import torch
 from tiny_models import tiny_model
 
 import knn_patch
-from knn_patch import loss
-from knn_patch.perplexity import document_nll, window_nll, windows
+from knn_patch.eval.perplexity import document_nll, window_nll, windows
+from knn_patch.train import loss
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
 from knn_patch import KNNConfig
-from knn_patch.recipe_config import RecipeConfig, apply_overrides, load_recipe, recipe_from_dict
+from knn_patch.train.recipe_config import RecipeConfig, apply_overrides, load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))

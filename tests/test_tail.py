@@ -11,7 +11,7 @@ from tiny_models import tiny_model
 
 import knn_patch
 from knn_patch import KNNConfig
-from knn_patch.approximation import exact
+from knn_patch.bench.approximation import exact
 from knn_patch.kernels.sampling import masked_scores, rest_mask, tail_sample
 from knn_patch.kernels.tail import tail_attention
 from knn_patch.kernels.topk import topk_attention

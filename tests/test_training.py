@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 import knn_patch
-from knn_patch.checkpoints import complete_checkpoints
 from knn_patch.cli import main
-from knn_patch.recipe_config import load_recipe
-from knn_patch.training import finetune
+from knn_patch.train.checkpoints import complete_checkpoints
+from knn_patch.train.recipe_config import load_recipe
+from knn_patch.train.training import finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "configs" / "tiny_debug.yaml"
@@ -85,7 +85,7 @@ def test_bf16_autocast_trains_with_the_chunked_loss(tmp_path):
 
 def test_validation_documents_are_never_trained_on(tmp_path):
     from knn_patch import load_tokenizer
-    from knn_patch.training_data import prepare_data
+    from knn_patch.train.data import prepare_data
 
     config = tiny(tmp_path)
     tokenizer = load_tokenizer("default")

@@ -7,14 +7,14 @@
 `predictions` are the texts (one document each). The model is `model_id` ("default" for the
 embedded SmolLM2-135M-Instruct, a local folder or a hub id), or a `model` and `tokenizer` passed
 directly. Dense attention and every k are scored on the same sliding windows by
-`knn_patch.evaluation.evaluate_perplexity`; this module only adapts its inputs and outputs.
+`knn_patch.eval.evaluation.evaluate_perplexity`; this module only adapts its inputs and outputs.
 """
 
 import datasets
 import evaluate
 
 from knn_patch import KNNConfig, load_model, load_tokenizer
-from knn_patch.evaluation import evaluate_perplexity
+from knn_patch.eval.evaluation import evaluate_perplexity
 
 _DESCRIPTION = "Token-weighted sliding-window perplexity of a causal LM, dense and with kNN attention."
 _KWARGS = """

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .config import KNNConfig
+from ..config import KNNConfig
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16")

@@ -6,7 +6,7 @@
    mass in the top-k and each estimator's error at equal key budgets;
 3. gradients: the error of the sampled dQ, dK, dV against autograd as the sample count grows, and
    the fitted log-log slope (about -1/2 for a Monte Carlo estimator);
-4. quality: perplexity relative to dense at equal key budgets (`knn_patch.evaluation`).
+4. quality: perplexity relative to dense at equal key budgets (`knn_patch.eval.evaluation`).
 
 Equal key budgets: a budget of b keys per query is `topk` with k = b (`topk+mean` with k = b - 1
 and the rest's exact mass on its values' mean, `topk_attention`'s `rest_mean`), `tail` with k = m = b/2,
@@ -25,16 +25,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..config import KNNConfig, is_global_layer
+from ..eval.evaluation import evaluate_perplexity
+from ..extras import pyplot, require
+from ..io import atomic_write, write_json_atomic
+from ..kernels.gumbel import gumbel_attention
+from ..kernels.sampling import exact_attention, group_mask
+from ..kernels.tail import tail_attention
+from ..kernels.topk import topk_attention
 from .activations import capture_activations
-from .bench_faiss import fit_exponent
-from .config import KNNConfig, is_global_layer
-from .evaluation import evaluate_perplexity
-from .extras import pyplot, require
-from .io import atomic_write, write_json_atomic
-from .kernels.gumbel import gumbel_attention
-from .kernels.sampling import exact_attention, group_mask
-from .kernels.tail import tail_attention
-from .kernels.topk import topk_attention
+from .faiss import fit_exponent
 
 Console = require("rich.console", "approx").Console
 Table = require("rich.table", "approx").Table

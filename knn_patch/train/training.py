@@ -29,16 +29,16 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, get_cosine_schedule_with_warmup
 from transformers.pytorch_utils import Conv1D
 
+from ..config import KNNConfig
+from ..eval.evaluation import ensure_writable, environment, evaluate_perplexity, setting_name
+from ..extras import pyplot, require
+from ..io import atomic_dir, atomic_write, write_json_atomic
+from ..loading import load_model, load_tokenizer
+from ..patcher import attention_modules, patch
 from .checkpoints import STATE_FILE, complete_checkpoints, latest_checkpoint, read_state, save_checkpoint
-from .config import KNNConfig
-from .evaluation import ensure_writable, environment, evaluate_perplexity, setting_name
-from .extras import pyplot, require
-from .io import atomic_dir, atomic_write, write_json_atomic
-from .loading import load_model, load_tokenizer
+from .data import TrainingData, prepare_data
 from .loss import causal_lm_nll
-from .patcher import attention_modules, patch
 from .recipe_config import ModelSection, RecipeConfig, load_recipe
-from .training_data import TrainingData, prepare_data
 
 Console = require("rich.console", "fine-tuning").Console
 Table = require("rich.table", "fine-tuning").Table

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from .config import PRESETS, KNNConfig, resolve_k
+from ..config import PRESETS, KNNConfig, resolve_k
+from ..extras import pyplot, require
+from ..io import atomic_write, write_json_atomic
 from .evaluation import DENSE, evaluate_perplexity
-from .extras import pyplot, require
-from .io import atomic_write, write_json_atomic
 
 box = require("rich.box", "frontier")
 Console = require("rich.console", "frontier").Console

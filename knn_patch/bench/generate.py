@@ -37,11 +37,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .cache import KNNCache
-from .config import KNNConfig
-from .evaluation import setting_name
-from .extras import pyplot, require
-from .io import atomic_write, write_json_atomic
+from ..cache import KNNCache
+from ..config import KNNConfig
+from ..eval.evaluation import setting_name
+from ..extras import pyplot, require
+from ..io import atomic_write, write_json_atomic
 from .peak_memory import reset_peak_rss, status_bytes
 
 SETTINGS = ("dense", "faiss", "topk")
@@ -87,7 +87,7 @@ def prompt_ids(
     """The first `n` tokens of `dataset`'s first document that long, or, when none is, of its documents
     joined in order (`data.tokenize_documents`); returns the document's name (listing any joined parts
     and their token spans) and its token ids."""
-    from .data import load_documents, tokenize_documents
+    from ..eval.data import load_documents, tokenize_documents
 
     docs = load_documents(dataset, config=config, split=split, column=column)
     long, _ = tokenize_documents(docs, tokenizer, min_tokens=n, max_tokens=n)
@@ -148,8 +148,8 @@ def measure(
 ) -> dict[str, Any]:
     """Load the model, run one untimed warm-up, then the timed generation of `setting` (with
     `config`, None for dense) on prompt `ids`; returns timings, generated tokens and memory."""
-    from .loading import load_model
-    from .patcher import patch
+    from ..loading import load_model
+    from ..patcher import patch
 
     dev = torch.device(device)
     model = load_model(model_name, dtype=torch.float32).to(dev).eval()
@@ -341,9 +341,9 @@ _SAME_FOR_RESUME = (
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from .cli import _json_object, _layers
-    from .evaluation import ensure_writable, environment
-    from .loading import load_tokenizer
+    from ..cli import _json_object, _layers
+    from ..eval.evaluation import ensure_writable, environment
+    from ..loading import load_tokenizer
 
     p = argparse.ArgumentParser(prog="knn-patch bench generate", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -455,6 +455,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _environment(device: str = "cpu") -> dict:
     """`evaluation.environment`, imported when a result is written: the benchmark's worker
     processes import this module and need not load `evaluate`."""
-    from .evaluation import environment
+    from ..eval.evaluation import environment
 
     return environment(device)

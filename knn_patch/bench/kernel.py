@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from knn_patch.bench.peak_memory import reset_peak_rss, status_bytes
 from knn_patch.extras import pyplot, require
 from knn_patch.io import atomic_write, write_json_atomic
 from knn_patch.kernels.gumbel import gumbel_attention
 from knn_patch.kernels.tail import tail_attention
 from knn_patch.kernels.topk import topk_attention
-from knn_patch.peak_memory import reset_peak_rss, status_bytes
 
 METHODS = ("topk", "sdpa", "eager", "tail", "gumbel")
 RATIOS = ("topk/sdpa", "topk/eager", "tail/topk", "gumbel/topk")
@@ -280,7 +280,7 @@ def plot_forward(rows: list[dict], path: Path) -> None:
 
 def write_results(rows: list[dict], out_dir: str | Path, args: dict, name: str = "speed") -> dict[str, Path]:
     """`<name>.json` (machine info, arguments, rows) and `<name>.png` in `out_dir`, both atomically."""
-    from .evaluation import environment  # late: the forkserver preloads this module, kept light
+    from ..eval.evaluation import environment  # late: the forkserver preloads this module, kept light
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ from itertools import chain
 
 import numpy as np
 
-from .data import load_documents, tokenize_documents
-from .extras import require
+from ..eval.data import load_documents, tokenize_documents
+from ..extras import require
 from .recipe_config import DataSection
 
 datasets = require("datasets", "fine-tuning")

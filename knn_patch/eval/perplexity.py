@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .loss import causal_lm_nll
+from ..train.loss import causal_lm_nll
 
 
 def windows(
@@ -44,7 +44,7 @@ def window_nll(
     """Summed NLL (nats) and count of the tokens at positions >= first_scored of a (1, L) window.
 
     The default computes it from the final hidden states a chunk of positions at a time, so memory
-    does not grow with L x vocabulary; method="full" takes the model's full logits (`knn_patch.loss`).
+    does not grow with L x vocabulary; method="full" takes the model's full logits (`knn_patch.train.loss`).
     """
     nll, count = causal_lm_nll(model, input_ids, first_scored, method=method)
     return float(nll), count

@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .cache import KNNCache
-from .extras import pyplot, require
-from .io import atomic_write, write_json_atomic
-from .kernels.index import faiss_module, validate_index_options
-from .kernels.retrieval import recall_at_k, retrieval_attention
-from .kernels.topk import topk_attention
+from ..cache import KNNCache
+from ..extras import pyplot, require
+from ..io import atomic_write, write_json_atomic
+from ..kernels.index import faiss_module, validate_index_options
+from ..kernels.retrieval import recall_at_k, retrieval_attention
+from ..kernels.topk import topk_attention
 
 GROWTH_METHODS = ("sdpa", "topk", "faiss-ivf", "faiss-hnsw")
 
@@ -88,7 +88,7 @@ def _inputs(n: int, seed: int) -> tuple[torch.Tensor, ...]:
 
 def corpus_ids(tokenizer, n: int) -> torch.Tensor:
     """The first n tokens (1, n) of the bundled speeches, concatenated in file order."""
-    from .assets import bundled_corpus_dir
+    from ..assets import bundled_corpus_dir
 
     ids: list[int] = []
     for path in sorted(bundled_corpus_dir().glob("*.txt")):
@@ -101,8 +101,8 @@ def corpus_ids(tokenizer, n: int) -> torch.Tensor:
 def real_inputs(n: int, layer: int = 3) -> tuple[torch.Tensor, ...]:
     """q (1, 9, n, 64), k and v (1, 3, n, 64): the embedded default's post-RoPE activations at
     `layer` over `corpus_ids(n)`, from a dense forward pass (minutes on CPU at 64k tokens)."""
+    from ..loading import load_default
     from .activations import capture_activations
-    from .loading import load_default
 
     model, tokenizer = load_default()
     act = capture_activations(model.model, corpus_ids(tokenizer, n), [layer])[layer]
@@ -183,9 +183,9 @@ def real_recall(
     speeches, or of the longest speech of all when that one is shorter than n tokens; also the
     attention-weighted recall (`Recall.weighted`), under "mass_recall". With `sink_tokens`, the
     first keys are sinks, as in the backend (see `recall_at_k`)."""
+    from ..assets import bundled_corpus_dir
+    from ..loading import load_default
     from .activations import capture_activations
-    from .assets import bundled_corpus_dir
-    from .loading import load_default
 
     model, tokenizer = load_default()
     speeches = sorted(bundled_corpus_dir().glob("*.txt"))
@@ -239,8 +239,8 @@ def run_decode(
     """Per-token decode seconds of the embedded default: dense cache (SDPA) against KNNCache (faiss)."""
     Progress = require("rich.progress", "benchmarks").Progress
 
-    from .loading import load_default
-    from .patcher import patched
+    from ..loading import load_default
+    from ..patcher import patched
 
     model, _ = load_default()
     options = {"index": "ivf", **(options or {})}
@@ -452,6 +452,6 @@ def main(argv: list[str] | None = None) -> None:
 def _environment(device: str = "cpu") -> dict:
     """`evaluation.environment`, imported when a result is written: the benchmark's worker
     processes import this module and need not load `evaluate`."""
-    from .evaluation import environment
+    from ..eval.evaluation import environment
 
     return environment(device)

@@ -205,6 +205,6 @@ def _check_head(lm: Any, head: torch.nn.Module, hidden: torch.Tensor, expected: 
     raise NotImplementedError(
         f"The output embedding applied to the decoder's output does not reproduce the logits of "
         f"{type(lm).__name__} (model_type {lm.config.model_type!r}): they {found}. Its forward "
-        "post-processes logits in a way knn_patch.loss.postprocess does not know. Add the family there, "
-        "or use method='full'."
+        "post-processes logits in a way knn_patch.train.loss.postprocess does not know. Add the family "
+        "there, or use method='full'."
     )

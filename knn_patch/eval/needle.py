@@ -30,11 +30,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .config import KNNConfig
+from ..config import KNNConfig
+from ..extras import pyplot, require
+from ..io import atomic_write, write_json_atomic
+from ..patcher import get_config
 from .evaluation import DENSE, _label, _use, keys_read, prefill, setting_name
-from .extras import pyplot, require
-from .io import atomic_write, write_json_atomic
-from .patcher import get_config
 
 box = require("rich.box", "needle")
 Console = require("rich.console", "needle").Console
@@ -288,7 +288,7 @@ def _cache(configs: Sequence[KNNConfig | None], model: torch.nn.Module) -> Any:
     steps search the cache's index; dense and topk read it as a plain dynamic cache), else
     transformers' `DynamicCache` for the model (sliding-window layers keep only their window)."""
     if any(c is not None and c.backend == "faiss" for c in configs):
-        from .cache import KNNCache
+        from ..cache import KNNCache
 
         return KNNCache()
     return DynamicCache(config=model.config)

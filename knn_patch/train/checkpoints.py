@@ -15,7 +15,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from .io import discard, publish, write_json_atomic
+from ..io import discard, publish, write_json_atomic
 
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step_"

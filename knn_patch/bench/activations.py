@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .patcher import patched
-from .registry import registered_backend
+from ..patcher import patched
+from ..registry import registered_backend
 
 
 def capture_activations(

@@ -25,11 +25,11 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from . import __version__
-from .config import KNNConfig, is_global_layer
-from .extras import pyplot, require
-from .io import atomic_write, write_json_atomic
-from .patcher import get_config, patch, unpatch
+from .. import __version__
+from ..config import KNNConfig, is_global_layer
+from ..extras import pyplot, require
+from ..io import atomic_write, write_json_atomic
+from ..patcher import get_config, patch, unpatch
 from .perplexity import window_nll, windows
 
 evaluate = require("evaluate", "evaluation")
@@ -103,8 +103,8 @@ def keys_read(config: KNNConfig | None, n: int, model_config: Any = None) -> flo
 
 def _keys_read(config: Mapping[str, Any], k: int, n: int) -> int:
     """One kNN layer's `keys_read` from a config's saved form, its k resolved, and the n keys it sees."""
-    from .backends.tail import DEFAULTS as TAIL_DEFAULTS  # late: importing a backend registers it
-    from .backends.topk import DEFAULTS as TOPK_DEFAULTS
+    from ..backends.tail import DEFAULTS as TAIL_DEFAULTS  # late: importing a backend registers it
+    from ..backends.topk import DEFAULTS as TOPK_DEFAULTS
 
     options = config.get("backend_options") or {}
     extra = 0

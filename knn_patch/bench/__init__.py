@@ -1,0 +1,1 @@
+"""Benchmarks and measurements: the kernel, faiss, generation, the estimators, activations."""

@@ -1,0 +1,1 @@
+"""Evaluation: documents, perplexity, needles, the frontier, their tables and plots."""
