@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -144,123 +145,281 @@ def retrieval_attention(
     Returns out (B, Hq, Lq, Dv) in the query's dtype and, with `return_positions`, the kept key
     positions (B, Hq, Lq, k + sink_tokens + local_window) as int64, -1 in unused slots.
     """
-    b, hq, lq, d = query.shape
-    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[-1]
+    b, hq, lq = query.shape[:3]
+    hkv, dv = key.shape[1], value.shape[-1]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}).")
     if sink_tokens < 0 or local_window < 0:
         raise ValueError(f"sink_tokens ({sink_tokens}) and local_window ({local_window}) must be >= 0.")
-    g, offset, device = hq // hkv, lk - lq, query.device
-    scale = d**-0.5 if scale is None else scale
-    bs = options["block_size"]
-    mask = group_mask(attention_mask, hq, hkv, lq, lk)  # (B|1, 1|Hkv, 1|G, Lq, Lk) or None
-    if mask is not None:
-        valid = mask.flatten(1, 3).any(1)  # (B|1, Lk): keys some query may see
-        is_sink = valid & (valid.cumsum(-1) <= sink_tokens)  # (B|1, Lk): the first visible keys
-        n_sinks = int(is_sink.sum(-1).max()) if sink_tokens else 0
-        sink_pos = torch.sort(torch.where(is_sink, torch.arange(lk, device=device), lk), -1).values
-        sink_pos = torch.where(sink_pos < lk, sink_pos, -1)[:, :n_sinks]  # (B|1, s): -1 past a row's sinks
-        index_valid = (valid & ~is_sink).cpu()  # padding and sinks are never indexed
-    else:  # plain causal: the sinks are positions 0..s-1, and nothing O(Lk) is built (decode steps)
-        is_sink, n_sinks, index_valid = None, min(sink_tokens, lk), None
-        sink_pos = torch.arange(n_sinks, device=device).view(1, n_sinks)
+    mask = group_mask(attention_mask, hq, hkv, lq, key.shape[2])  # (B|1, 1|Hkv, 1|G, Lq, Lk) or None
+    call = _Call.build(
+        query, key, mask, k, options, scale, sink_tokens, local_window, softcap, dropout, return_positions
+    )
     if indexes is None:
-        opts = dict(options) if lq >= bs else {**options, "index": "flat"}
+        opts = dict(options) if lq >= call.block_size else {**options, "index": "flat"}
         indexes = KeyIndexes(key, options=opts)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        out, kept = _attend(call, indexes, query, key, value)
+    out = out.view(b, hq, lq, dv).to(query.dtype)  # (B, Hkv, G, Lq, Dv) -> (B, Hq, Lq, Dv)
+    return out, (kept.view(b, hq, lq, call.width) if return_positions else None)
 
-    acc = torch.promote_types(query.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
-    # the search's fp32 inner products stand for the retrieved keys' scores unless q or k needs a
-    # gradient (the search is not differentiable) or the scores are float64: then those keys are
-    # gathered and rescored
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
-    rescore = needs_grad or acc != torch.float32
-    width = k + sink_tokens + local_window
-    forced_any = bool(sink_tokens or local_window)  # then `keep` below needs the candidates sorted
-    # Without a mask, forced keys, gradients or extras, a block needs each query's k best explicit keys
-    # only: the compiled `scores_topk` selects them without writing the (rows, explicit keys) scores
-    # out, and a softmax over the 2k candidates follows.
-    plain = mask is None and not forced_any and not rescore and softcap is None and not dropout
-    plain = plain and not return_positions and fused_available(device, acc)
+
+def _attend(
+    call: _Call, indexes: KeyIndexes, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`retrieval_attention`'s output (B, Hkv, G, Lq, Dv) in the scores' dtype, block by block, and
+    the kept positions (B, Hkv, G, Lq, width) when the call returns them (else None)."""
+    b, hkv, g = call.shape
+    lq, d, dv = query.shape[2], query.shape[3], value.shape[-1]
+    q_all = query.to(call.acc).view(b, hkv, g, lq, d)  # the heads of one KV group together (a view)
+    k_all, v_all = key.to(call.acc), value.to(call.acc)
     outs, kept = [], []
-    with torch.autocast(device_type=device.type, enabled=False):
-        q_all = query.to(acc).view(b, hkv, g, lq, d)  # the heads of one KV group together (a view)
-        k_all, v_all = key.to(acc), value.to(acc)
-        for q0 in range(0, lq, bs):
-            q1 = min(q0 + bs, lq)
-            c, p0, p1 = q1 - q0, offset + q0, offset + q1
-            ws = max(0, p0 - local_window + 1) if local_window else p0
-            if ws - indexes.seen >= options["sync_every"]:  # keys join the index in batches
-                indexes.sync(key, ws, index_valid, first=n_sinks if mask is None else 0)
-            ws = indexes.seen  # keys from here on (at most sync_every - 1 beyond the window) are explicit
-            qb = q_all[:, :, :, q0:q1].reshape(b, hkv, g * c, d)  # (B, Hkv, G*C, D)
-            if plain:
-                out = _plain_block(qb, k_all, v_all, indexes, k, scale, ws, p0, p1)
-                outs.append(out.view(b, hkv, g, c, dv))
-                continue
+    for q0 in range(0, lq, call.block_size):
+        blk = _next_block(call, indexes, key, q0, min(q0 + call.block_size, lq))
+        qb = q_all[:, :, :, q0 : q0 + blk.c].reshape(b, hkv, g * blk.c, d)  # (B, Hkv, G*C, D)
+        if call.plain:
+            out = _plain_block(qb, k_all, v_all, indexes, call.k, call.scale, blk.ws, blk.p0, blk.p1)
+        else:
+            out, kept_pos = _general_block(call, blk, qb, k_all, v_all, indexes)
+            if kept_pos is not None:
+                kept.append(kept_pos.view(b, hkv, g, blk.c, call.width))
+        outs.append(out.view(b, hkv, g, blk.c, dv))
+    return torch.cat(outs, 3), (torch.cat(kept, 3) if call.return_positions else None)
 
-            # front columns: the sinks before ws and the retrieved keys, all before any query's window
-            ret, ret_s = indexes.search(qb, k)  # (B, Hkv, G*C, k'), k' = 0 while the index is empty
-            to_gather, front_pos, parts_s = [], [], []
-            if n_sinks:
-                sp = torch.where(sink_pos < ws, sink_pos, -1).expand(b, n_sinks)
-                to_gather.append(sp.view(b, 1, 1, n_sinks).expand(b, hkv, g * c, n_sinks))
-            if ret.shape[-1] and (ret_s is None or rescore):
-                to_gather.append(ret)  # (B, Hkv, G*C, k')
-            if to_gather:  # sinks (and retrieved keys when rescoring): gathered, then scored exactly
-                gathered = torch.cat(to_gather, -1)
-                front_pos.append(gathered)
-                parts_s.append(_scores_at(k_all, gathered, qb))  # (B, Hkv, G*C, t)
-            if ret.shape[-1] and ret_s is not None and not rescore:  # the search's own inner products
-                front_pos.append(ret)
-                parts_s.append(ret_s)
-            fpos = torch.cat(front_pos, -1) if front_pos else None  # (B, Hkv, G*C, F)
-            f = 0 if fpos is None else fpos.shape[-1]
-            # then the explicit columns, positions ws..p1-1
-            parts_s.append(qb @ k_all[:, :, ws:p1].transpose(-1, -2))  # (B, Hkv, G*C, p1 - ws)
-            s = torch.cat(parts_s, -1) * scale  # (B, Hkv, G*C, F + p1 - ws)
-            if softcap is not None:
-                s = torch.tanh(s / softcap) * softcap
 
-            # ranking: -inf where not visible, +inf where forced (sinks, window), else the score
-            ranked = s.detach().clone()
-            if f:
-                vis = fpos >= 0
-                at = _mask_at(mask, fpos, q0, c, g)
-                if at is not None:
-                    vis = vis & at
-                ranked[..., :f].masked_fill_(~vis, -math.inf)
-                ranked[..., :n_sinks].masked_fill_(vis[..., :n_sinks], math.inf)  # the sink columns
-            vis, forced = _explicit_masks(mask, is_sink, q0, p0, ws, p1, n_sinks, local_window, device)
-            explicit = ranked[..., f:].unflatten(2, (g, c))  # (B, Hkv, G, C, p1 - ws), a view
-            if vis is not None:
-                explicit.masked_fill_(~vis, -math.inf)
-            if forced is not None:
-                explicit.masked_fill_(forced, math.inf)
-            take = min(width, ranked.shape[-1])
-            # causality: a row ranks its explicit columns up to its own position only
-            row_end = (f + p0 - ws + 1 + torch.arange(c, device=device)).repeat(b * hkv * g)
-            # with nothing forced, every kept key is one of the k best: their order does not matter
-            ranked_rows = topk_rows(ranked.flatten(0, -2), take, row_end, sorted=forced_any)
-            sel, idx = (t.view(*ranked.shape[:-1], take) for t in ranked_rows)
-            is_forced = sel == math.inf
-            keep = (sel > -math.inf) & (is_forced | ((~is_forced).cumsum(-1) <= k))
+# ---- What the blocks of one call share ----
 
-            vals = s.gather(-1, idx).masked_fill(~keep, -math.inf)
-            p = masked_softmax(vals)
-            if dropout > 0:
-                p = torch.nn.functional.dropout(p, dropout)
-            sel_pos = idx + (ws - f)  # (B, Hkv, G*C, take): explicit column -> position
-            if f:
-                sel_pos = torch.where(idx < f, fpos.gather(-1, idx.clamp_max(f - 1)), sel_pos)
-            out = _weighted_rows(v_all, sel_pos, p)  # (B, Hkv, G*C, Dv)
-            outs.append(out.view(b, hkv, g, c, dv))
-            if return_positions:
-                kept_pos = torch.full((b, hkv, g * c, width), -1, dtype=torch.long, device=device)
-                kept_pos[..., :take] = torch.where(keep, sel_pos, -1)
-                kept.append(kept_pos.view(b, hkv, g, c, width))
-    out = torch.cat(outs, 3).view(b, hq, lq, dv).to(query.dtype)  # (B, Hkv, G, Lq, Dv) -> (B, Hq, Lq, Dv)
-    positions = torch.cat(kept, 3).view(b, hq, lq, width) if return_positions else None
-    return out, positions
+
+class _Sinks(NamedTuple):
+    """Where a call's sinks sit, and which keys may join the index."""
+
+    n: int  # sink columns per row: the most sinks a batch row has
+    pos: torch.Tensor  # (B|1, n) sink positions, -1 past a row's sinks
+    is_sink: torch.Tensor | None  # (B|1, Lk) with a mask; None: the sinks are positions 0..n-1
+    index_valid: torch.Tensor | None  # (B|1, Lk) on the CPU, the keys that may be indexed; None: all
+
+
+def _find_sinks(mask: torch.Tensor | None, sink_tokens: int, lk: int, device: torch.device) -> _Sinks:
+    """The first `sink_tokens` keys each row may see, under the grouped mask (B|1, 1|Hkv, 1|G, Lq, Lk)."""
+    # plain causal: the sinks are positions 0..s-1, and nothing O(Lk) is built (decode steps)
+    if mask is None:
+        n_sinks = min(sink_tokens, lk)
+        return _Sinks(n_sinks, torch.arange(n_sinks, device=device).view(1, n_sinks), None, None)
+    valid = mask.flatten(1, 3).any(1)  # (B|1, Lk): keys some query may see
+    is_sink = valid & (valid.cumsum(-1) <= sink_tokens)  # (B|1, Lk): the first visible keys
+    n_sinks = int(is_sink.sum(-1).max()) if sink_tokens else 0
+    sink_pos = torch.sort(torch.where(is_sink, torch.arange(lk, device=device), lk), -1).values
+    sink_pos = torch.where(sink_pos < lk, sink_pos, -1)[:, :n_sinks]  # (B|1, s): -1 past a row's sinks
+    index_valid = (valid & ~is_sink).cpu()  # padding and sinks are never indexed
+    return _Sinks(n_sinks, sink_pos, is_sink, index_valid)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What every block of one `retrieval_attention` call shares."""
+
+    shape: tuple[int, int, int]  # (B, Hkv, G)
+    mask: torch.Tensor | None  # grouped boolean mask (B|1, 1|Hkv, 1|G, Lq, Lk), True = may see
+    sinks: _Sinks
+    offset: int  # Lk - Lq: query i sits at key position i + offset
+    k: int
+    width: int  # kept slots per query: k + sink_tokens + local_window
+    local_window: int
+    scale: float
+    softcap: float | None
+    dropout: float
+    acc: torch.dtype  # the scores' dtype
+    rescore: bool  # retrieved keys are gathered and scored again in torch, not by the search
+    forced_any: bool  # sinks or a window: the selection must come sorted
+    plain: bool  # blocks go through `_plain_block`
+    return_positions: bool
+    block_size: int
+    sync_every: int
+    device: torch.device
+
+    @staticmethod
+    def build(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask: torch.Tensor | None,
+        k: int,
+        options: Mapping[str, Any],
+        scale: float | None,
+        sink_tokens: int,
+        local_window: int,
+        softcap: float | None,
+        dropout: float,
+        return_positions: bool,
+    ) -> _Call:
+        """The settings of a call on query (B, Hq, Lq, D) and key (B, Hkv, Lk, D), under the grouped
+        mask (B|1, 1|Hkv, 1|G, Lq, Lk) or None."""
+        b, hq, lq, d = query.shape
+        hkv, lk, device = key.shape[1], key.shape[2], query.device
+        acc = torch.promote_types(query.dtype, torch.float32)  # fp32 scores; float64 kept for gradcheck
+        # the search's fp32 inner products stand for the retrieved keys' scores unless q or k needs a
+        # gradient (the search is not differentiable) or the scores are float64: then those keys are
+        # gathered and rescored
+        needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+        rescore = needs_grad or acc != torch.float32
+        forced_any = bool(sink_tokens or local_window)  # then `_select_kept` needs the candidates sorted
+        # Without a mask, forced keys, gradients or extras, a block needs each query's k best explicit
+        # keys only: the compiled `scores_topk` selects them without writing the (rows, explicit keys)
+        # scores out, and a softmax over the 2k candidates follows.
+        plain = mask is None and not forced_any and not rescore and softcap is None and not dropout
+        plain = plain and not return_positions and fused_available(device, acc)
+        return _Call(
+            shape=(b, hkv, hq // hkv),
+            mask=mask,
+            sinks=_find_sinks(mask, sink_tokens, lk, device),
+            offset=lk - lq,
+            k=k,
+            width=k + sink_tokens + local_window,
+            local_window=local_window,
+            scale=d**-0.5 if scale is None else scale,
+            softcap=softcap,
+            dropout=dropout,
+            acc=acc,
+            rescore=rescore,
+            forced_any=forced_any,
+            plain=plain,
+            return_positions=return_positions,
+            block_size=options["block_size"],
+            sync_every=options["sync_every"],
+            device=device,
+        )
+
+
+# ---- One block of queries ----
+
+
+class _Block(NamedTuple):
+    """A block of C queries, rows q0..q0+C-1 at key positions p0..p1-1; keys ws..p1-1 are explicit."""
+
+    q0: int
+    c: int
+    p0: int
+    p1: int
+    ws: int
+
+
+def _next_block(call: _Call, indexes: KeyIndexes, key: torch.Tensor, q0: int, q1: int) -> _Block:
+    """The block of queries q0..q1-1, once the keys before its window start have joined the index
+    (in batches of `sync_every`: the keys not yet added, fewer than that, stay explicit)."""
+    p0, p1 = call.offset + q0, call.offset + q1
+    ws = max(0, p0 - call.local_window + 1) if call.local_window else p0
+    if ws - indexes.seen >= call.sync_every:  # keys join the index in batches
+        first = call.sinks.n if call.mask is None else 0
+        indexes.sync(key, ws, call.sinks.index_valid, first=first)
+    return _Block(q0, q1 - q0, p0, p1, indexes.seen)
+
+
+def _general_block(
+    call: _Call,
+    blk: _Block,
+    qb: torch.Tensor,
+    k_all: torch.Tensor,
+    v_all: torch.Tensor,
+    indexes: KeyIndexes,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One block's output (B, Hkv, G*C, Dv) for queries qb (B, Hkv, G*C, D), keys and values
+    (B, Hkv, Lk, E) in the scores' dtype: its front columns (sinks before ws, retrieved keys) and
+    explicit columns are scored, ranked and selected, and the kept keys get one softmax. Also the
+    kept positions (B, Hkv, G*C, width), -1 in unused slots, when the call returns them (else None)."""
+    b, hkv, r = qb.shape[:3]
+    fpos, front_s = _front_columns(call, blk, qb, k_all, indexes)
+    f = 0 if fpos is None else fpos.shape[-1]
+    s = _block_scores(call, blk, qb, k_all, front_s)  # (B, Hkv, G*C, F + p1 - ws)
+    idx, keep = _select_kept(call, blk, _ranking(call, blk, s, fpos), f)
+    p = masked_softmax(s.gather(-1, idx).masked_fill(~keep, -math.inf))
+    if call.dropout > 0:
+        p = torch.nn.functional.dropout(p, call.dropout)
+    sel_pos = idx + (blk.ws - f)  # (B, Hkv, G*C, take): explicit column -> position
+    if f:
+        sel_pos = torch.where(idx < f, fpos.gather(-1, idx.clamp_max(f - 1)), sel_pos)
+    out = _weighted_rows(v_all, sel_pos, p)  # (B, Hkv, G*C, Dv)
+    if not call.return_positions:
+        return out, None
+    kept_pos = torch.full((b, hkv, r, call.width), -1, dtype=torch.long, device=call.device)
+    kept_pos[..., : idx.shape[-1]] = torch.where(keep, sel_pos, -1)
+    return out, kept_pos
+
+
+def _front_columns(
+    call: _Call, blk: _Block, qb: torch.Tensor, k_all: torch.Tensor, indexes: KeyIndexes
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The block's front columns, all before any query's window: the sinks before ws and each query's
+    k' keys retrieved by the index. Returns their positions (B, Hkv, G*C, F) (-1 in empty slots; None
+    when F = 0) and their scores, unscaled, in parts to concatenate: the sinks (and the retrieved keys
+    when rescoring) gathered and scored exactly, else the search's own inner products."""
+    b, hkv, r = qb.shape[:3]
+    n_sinks = call.sinks.n
+    ret, ret_s = indexes.search(qb, call.k)  # (B, Hkv, G*C, k'), k' = 0 while the index is empty
+    to_gather, front_pos, parts_s = [], [], []
+    if n_sinks:
+        sp = torch.where(call.sinks.pos < blk.ws, call.sinks.pos, -1).expand(b, n_sinks)
+        to_gather.append(sp.view(b, 1, 1, n_sinks).expand(b, hkv, r, n_sinks))
+    if ret.shape[-1] and (ret_s is None or call.rescore):
+        to_gather.append(ret)  # (B, Hkv, G*C, k')
+    if to_gather:
+        gathered = torch.cat(to_gather, -1)
+        front_pos.append(gathered)
+        parts_s.append(_scores_at(k_all, gathered, qb))  # (B, Hkv, G*C, t)
+    if ret.shape[-1] and ret_s is not None and not call.rescore:
+        front_pos.append(ret)
+        parts_s.append(ret_s)
+    return (torch.cat(front_pos, -1) if front_pos else None), parts_s
+
+
+def _block_scores(
+    call: _Call, blk: _Block, qb: torch.Tensor, k_all: torch.Tensor, front_s: list[torch.Tensor]
+) -> torch.Tensor:
+    """The scores (B, Hkv, G*C, F + p1 - ws), scaled and softcapped: the front columns' parts, then
+    the explicit columns, positions ws..p1-1, by a matmul."""
+    explicit = qb @ k_all[:, :, blk.ws : blk.p1].transpose(-1, -2)  # (B, Hkv, G*C, p1 - ws)
+    s = torch.cat([*front_s, explicit], -1) * call.scale
+    if call.softcap is not None:
+        s = torch.tanh(s / call.softcap) * call.softcap
+    return s
+
+
+def _ranking(call: _Call, blk: _Block, s: torch.Tensor, fpos: torch.Tensor | None) -> torch.Tensor:
+    """A copy of the scores s (B, Hkv, G*C, F + p1 - ws) to rank by: -inf where not visible, +inf
+    where forced (sinks, window), else the score. Explicit columns past a query's own position are
+    left to `_select_kept`'s row ends."""
+    g, n_sinks = call.shape[2], call.sinks.n
+    ranked = s.detach().clone()
+    f = 0 if fpos is None else fpos.shape[-1]
+    if f:
+        vis = fpos >= 0
+        at = _mask_at(call.mask, fpos, blk.q0, blk.c, g)
+        if at is not None:
+            vis = vis & at
+        ranked[..., :f].masked_fill_(~vis, -math.inf)
+        ranked[..., :n_sinks].masked_fill_(vis[..., :n_sinks], math.inf)  # the sink columns
+    vis, forced = _explicit_masks(
+        call.mask, call.sinks.is_sink, blk.q0, blk.p0, blk.ws, blk.p1, n_sinks, call.local_window, call.device
+    )
+    explicit = ranked[..., f:].unflatten(2, (g, blk.c))  # (B, Hkv, G, C, p1 - ws), a view
+    if vis is not None:
+        explicit.masked_fill_(~vis, -math.inf)
+    if forced is not None:
+        explicit.masked_fill_(forced, math.inf)
+    return ranked
+
+
+def _select_kept(call: _Call, blk: _Block, ranked: torch.Tensor, f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's candidate columns (B, Hkv, G*C, take), take = min(width, columns), and which of them
+    it keeps: its forced keys (ranked +inf) and its k best others, never a hidden one."""
+    b, hkv, g = call.shape
+    take = min(call.width, ranked.shape[-1])
+    # causality: a row ranks its explicit columns up to its own position only
+    row_end = (f + blk.p0 - blk.ws + 1 + torch.arange(blk.c, device=call.device)).repeat(b * hkv * g)
+    # with nothing forced, every kept key is one of the k best: their order does not matter
+    ranked_rows = topk_rows(ranked.flatten(0, -2), take, row_end, sorted=call.forced_any)
+    sel, idx = (t.view(*ranked.shape[:-1], take) for t in ranked_rows)
+    is_forced = sel == math.inf
+    keep = (sel > -math.inf) & (is_forced | ((~is_forced).cumsum(-1) <= call.k))
+    return idx, keep
 
 
 def _plain_block(
