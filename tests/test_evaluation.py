@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -301,6 +303,14 @@ def test_environment_and_report_are_silent_outside_a_git_checkout(docs, tmp_path
     assert record["_git_commit_hash"] == (env["git"] and env["git"]["commit"]), (
         "knn_patch's commit, not the cwd's"
     )
+
+
+def test_the_commit_is_knn_patchs_own_in_its_checkout():
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=Path(knn_patch.__file__).parent,
+                         capture_output=True, text=True)  # fmt: skip
+    if top.returncode or Path(top.stdout.split()[0]) != Path(knn_patch.__file__).resolve().parents[1]:
+        pytest.skip("knn_patch is not run from its own git checkout")
+    assert environment()["git"]["commit"] == top.stdout.split()[1]
 
 
 def test_no_git_executable_is_no_error(docs, tmp_path, monkeypatch, capfd):

@@ -345,7 +345,7 @@ def git_commit() -> dict[str, Any] | None:
     """{"commit", "dirty"} of the knn_patch checkout that produced a result, or None when knn_patch
     is not run from its own checkout (an installed package, even inside another repository) or git is
     missing. Silent: git's "fatal: not a git repository" is not for the user to see."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # knn_patch/, whose parent is the checkout
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, timeout=30)
