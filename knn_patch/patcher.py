@@ -113,11 +113,10 @@ def patch(
 ) -> PreTrainedModel:
     """Make `model`'s attention kNN attention, **in place**, and return it.
 
-    `config` (a `KNNConfig` or a preset name: "fast", "balanced", "accurate"; or
-    `KNNConfig(**overrides)`, or `config` with `overrides` applied; with neither, the "balanced"
-    preset) decides k, the
-    backend and the layers (`layers="global"` is resolved here from `model.config`, so hybrid models
-    keep their sliding-window layers dense); `knn_patch.unpatch` reverses it. Patching a patched
+    `config` decides k, the backend and the layers: a `KNNConfig`, a preset name ("fast",
+    "balanced", "accurate"), `KNNConfig(**overrides)`, or `config` with `overrides` applied; with
+    neither, the "balanced" preset. `layers="global"` is resolved here from `model.config`, so
+    hybrid models keep their sliding-window layers dense. `knn_patch.unpatch` reverses it. Patching a patched
     model replaces its kNN config; `unpatch` still restores the implementation from before the first
     patch. A peft `PeftModel` is accepted: its base model is patched.
     """
