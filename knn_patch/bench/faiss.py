@@ -444,14 +444,8 @@ def main(argv: list[str] | None = None) -> None:
             args.tokens, layers=tuple(args.layers), k=args.k, options=ivf, sink_tokens=args.sink_tokens
         )
         print(result)
-    result.update(args=vars(args), machine=_environment())
+    from ..eval.evaluation import environment  # late: worker processes import this module
+
+    result.update(args=vars(args), machine=environment("cpu"))
     path = write_json_atomic(out / f"{args.what}.json", result)
     print(f"wrote {path}")
-
-
-def _environment(device: str = "cpu") -> dict:
-    """`evaluation.environment`, imported when a result is written: the benchmark's worker
-    processes import this module and need not load `evaluate`."""
-    from ..eval.evaluation import environment
-
-    return environment(device)

@@ -325,9 +325,12 @@ def write_results(result: dict[str, Any], out_dir: str | Path, name: str = "gene
     out = Path(out_dir)
     payload = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": _environment(result.get("args", {}).get("device", "cpu")),
         **result,
     }
+    if "machine" not in payload:  # `main` records it once, with the run's device
+        from ..eval.evaluation import environment  # late: worker processes import this module
+
+        payload["machine"] = environment(result.get("args", {}).get("device", "cpu"))
     paths = {"json": write_json_atomic(out / f"{name}.json", payload), "png": out / f"{name}.png"}
     plot(result, paths["png"])
     return paths
@@ -426,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         split=args.split,
         column=args.column,
     )
-    extra = {"prompt": prompt_name, "args": vars(args), "environment": environment()}
+    extra = {"prompt": prompt_name, "args": vars(args), "machine": environment(args.device)}
     result = run_generation_benchmark(
         args.model,
         ids,
@@ -450,11 +453,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     partial.unlink(missing_ok=True)
     print(f"wrote {paths['json']} and {paths['png']}")
     return result
-
-
-def _environment(device: str = "cpu") -> dict:
-    """`evaluation.environment`, imported when a result is written: the benchmark's worker
-    processes import this module and need not load `evaluate`."""
-    from ..eval.evaluation import environment
-
-    return environment(device)

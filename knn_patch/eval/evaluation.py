@@ -88,6 +88,7 @@ def keys_read(config: KNNConfig | None, n: int, model_config: Any = None) -> flo
     if model_config is None:
         return n if config is None else _keys_read(config.to_dict(), config.resolve_k(n), n)
     model_config = model_config.get_text_config()
+    saved = None if config is None else config.to_dict()
     counts = []
     for layer in range(model_config.num_hidden_layers):
         window = (
@@ -97,7 +98,7 @@ def keys_read(config: KNNConfig | None, n: int, model_config: Any = None) -> flo
         if config is None or not config.uses_layer(layer, model_config):
             counts.append(seen)
         else:
-            counts.append(_keys_read(config.to_dict(), config.resolve_k(n, layer), seen))
+            counts.append(_keys_read(saved, config.resolve_k(n, layer), seen))
     return sum(counts) / len(counts)
 
 
