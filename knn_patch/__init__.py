@@ -9,6 +9,7 @@ knn_patch.unpatch(model)                      # back to the model's own attentio
 __version__ = "0.2.0"
 
 from .cache import KNNCache
+from .calibration import calibrate
 from .config import KNNConfig, resolve_k
 from .loading import HubUnavailableError, load_default, load_model, load_tokenizer
 from .patcher import (
@@ -28,6 +29,7 @@ __all__ = [
     "KNNConfig",
     "UnsupportedModelError",
     "available_backends",
+    "calibrate",
     "from_pretrained",
     "get_config",
     "is_patched",

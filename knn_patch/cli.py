@@ -1,5 +1,6 @@
 """`knn-patch` command line: `demo`, `eval` (dense against kNN perplexity), `frontier` (perplexity
-against the share of keys read, per method), `needle` (retrieval), `report`, `finetune`, `approx`
+against the share of keys read, per method), `calibrate` (a k per layer for a key budget),
+`needle` (retrieval), `report`, `finetune`, `approx`
 (how well the estimators approximate attention), `bench` (`bench generate`: whole-model
 generation), `faiss-bench`, `prepare`."""
 
@@ -172,14 +173,24 @@ def frontier(args: argparse.Namespace) -> dict:
     if unknown:
         raise ValueError(f"Unknown --methods {unknown}; choose from {', '.join(METHODS)}.")
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    held_out = "calibrated" in args.methods  # one more document, never scored, to calibrate on
     docs, skipped = _documents(
         args,
         tokenizer,
         min_tokens=args.max_length,
         max_tokens=args.max_length,
         join_to=args.join_to,
-        max_docs=args.max_docs,
+        max_docs=args.max_docs + held_out,
     )
+    calibration = None
+    if held_out:
+        if len(docs) < 2:
+            raise ValueError(
+                f"--methods calibrated holds out one document of {args.max_length} tokens to calibrate "
+                f"on, and {len(docs)} were found: add documents or lower --max-length."
+            )
+        calibration = docs[len(docs) - 1]
+        docs = docs.select(range(len(docs) - 1))
     partial, resume_from = _partial(out / "frontier.partial.json", args.resume)
     result = run_frontier(
         model,
@@ -189,13 +200,41 @@ def frontier(args: argparse.Namespace) -> dict:
         methods=args.methods,
         on_document=_saver(partial, args),
         resume_from=resume_from,
+        calibration_ids=None if calibration is None else calibration["input_ids"],
     )
     result.update(skipped_documents=skipped, args=vars(args), environment=environment())
+    if calibration is not None:
+        result["calibration_document"] = calibration["name"]
     model_name = "embedded SmolLM2-135M-Instruct" if args.model == "default" else args.model
     title = f"{model_name} on {args.dataset}: {len(docs)} windows of {args.max_length} tokens"
     print_frontier(result, title)
     paths = write_frontier(result, out, title)
     _finished(partial, out, paths)
+    return result
+
+
+def calibrate(args: argparse.Namespace) -> dict:
+    """Fit a k per layer to a key budget on one calibration text: a table, calibration.json and a
+    settings.yaml for `eval --settings` and `needle --settings`."""
+    from .calibration import BASE, print_calibration, write_calibration
+    from .calibration import calibrate as fit
+
+    out = ensure_writable(args.out)  # fail before the long work, not after it
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    docs, _ = _documents(
+        args, tokenizer, min_tokens=args.tokens, max_tokens=args.tokens, max_docs=args.document + 1
+    )
+    if len(docs) <= args.document:
+        raise ValueError(
+            f"--document {args.document} asks for document {args.document + 1} of at least {args.tokens} "
+            f"tokens, and {len(docs)} were found: lower --tokens or --document."
+        )
+    base = BASE.replace(sink_tokens=args.sink_tokens, local_window=args.local_window)
+    result = fit(model, docs[args.document]["input_ids"], budget=args.budget, base=base, queries=args.queries)
+    result.update(document=docs[args.document]["name"], args=vars(args), environment=environment())
+    print_calibration(result)
+    paths = write_calibration(result, out)
+    print(f"config: {result['config']}\nwrote {', '.join(str(p) for p in paths.values())}")
     return result
 
 
@@ -562,7 +601,10 @@ def _frontier_arguments(p: argparse.ArgumentParser) -> None:
     _model_arguments(p)
     p.add_argument("--max-length", type=int, default=4096, help="window length n: one window per document")
     p.add_argument(
-        "--max-docs", type=int, default=3, help="the first N documents of at least max-length tokens"
+        "--max-docs",
+        type=int,
+        default=3,
+        help="the first N documents of at least max-length tokens (`calibrated` calibrates on the next one)",
     )
     p.add_argument(
         "--join-to",
@@ -588,6 +630,26 @@ def _frontier_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default="outputs/frontier", help="folder for frontier.json and frontier.png")
     p.set_defaults(func=frontier)
+
+
+def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    from .calibration import BASE
+
+    _model_arguments(p)
+    p.add_argument(
+        "--budget", type=float, default=2.0, help="keys read per query, in %% of n, averaged over layers"
+    )
+    p.add_argument(
+        "--tokens", type=int, default=4096, help="calibration text length n: the context length to fit"
+    )
+    p.add_argument(
+        "--document", type=int, default=0, help="which document of at least --tokens tokens (0: the first)"
+    )
+    p.add_argument("--queries", type=int, default=1024, help="the text's last N queries are measured")
+    p.add_argument("--sink-tokens", type=int, default=BASE.sink_tokens, help=_field_help("sink_tokens"))
+    p.add_argument("--local-window", type=int, default=BASE.local_window, help=_field_help("local_window"))
+    p.add_argument("--out", default="outputs/calibrate", help="folder for calibration.json and settings.yaml")
+    p.set_defaults(func=calibrate)
 
 
 def _needle_arguments(p: argparse.ArgumentParser) -> None:
@@ -663,6 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_arguments(p, max_docs=None, min_tokens=2, max_tokens=None, out="outputs/eval")
     p = add("frontier", help=frontier.__doc__.splitlines()[0])
     _frontier_arguments(p)
+    p = add("calibrate", help=calibrate.__doc__.splitlines()[0])
+    _calibrate_arguments(p)
     p = add("needle", help=needle.__doc__)
     _needle_arguments(p)
     p = add("report", help=report.__doc__)

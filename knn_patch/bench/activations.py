@@ -21,8 +21,9 @@ def capture_activations(
     model: torch.nn.Module, input_ids: torch.Tensor, layers: Iterable[int] | None = None
 ) -> dict[int, dict[str, Any]]:
     """layer index -> {"q", "k", "v"}, fp32 copies (B, H, L, D; after RoPE, before the GQA repeat),
-    and "scale", the layer's score scaling, for `layers` (all by default). Recorded layers attend
-    densely (SDPA), so every layer sees the dense model's activations. Pass a base model
+    "scale", the layer's score scaling, and "softcap" (None unless the model caps its scores), for
+    `layers` (all by default). Recorded layers attend densely (SDPA), so every layer sees the dense
+    model's activations. Pass a base model
     (`model.model`) to skip the LM head and, when `layers` are given, the decoder layers after the
     last of them."""
     captured: dict[int, dict[str, Any]] = {}
@@ -35,6 +36,7 @@ def capture_activations(
             for name, t in (("q", query), ("k", key), ("v", value))
         }
         captured[module.layer_idx]["scale"] = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        captured[module.layer_idx]["softcap"] = kwargs.get("softcap")
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )

@@ -12,6 +12,8 @@ model's layers (`evaluation.keys_read`). Each method turns a budget of b keys in
   the flattest, given k = n^0.67 and the other layers' k lowered to keep the same mean budget;
 - `tail`: b/2 nearest keys and b/2 uniform samples of the others, reweighted (no sinks or window);
 - `faiss`: as `topk`, with the keys found by a faiss index;
+- `calibrated`: 4 sinks, an 8-key window, the rest's mean and a k per layer fitted to the budget
+  by `knn_patch.calibrate` on a held-out calibration text of the same length;
 - a preset name (`fast`, `balanced`, `accurate`): that `KNNConfig.preset`, whatever the budget
   (run once; its row's budget is the share it reads).
 """
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..calibration import calibrate
 from ..config import PRESETS, KNNConfig, resolve_k
 from ..extras import pyplot, require
 from ..io import atomic_write, write_json_atomic
@@ -34,7 +37,7 @@ box = require("rich.box", "frontier")
 Console = require("rich.console", "frontier").Console
 Table = require("rich.table", "frontier").Table
 
-METHODS = ("topk", "topk+first", "topk+mean", "topk+mean+first", "tail", "faiss", *PRESETS)
+METHODS = ("topk", "topk+first", "topk+mean", "topk+mean+first", "tail", "faiss", "calibrated", *PRESETS)
 SINKS = 4
 FIRST_LAYER_K = "n^0.67"
 
@@ -42,7 +45,7 @@ FIRST_LAYER_K = "n^0.67"
 def method_config(method: str, budget: int, n: int, model_config: Any) -> KNNConfig | None:
     """`method`'s setting reading `budget` keys per query on average over the layers at n keys, or
     None when the budget is too small for it (every part needs at least one key)."""
-    if method not in METHODS or method in PRESETS:
+    if method not in METHODS or method in PRESETS or method == "calibrated":
         raise ValueError(f"Unknown frontier method {method!r}; choose from {list(METHODS)}.")
     if method == "tail":
         half = budget // 2
@@ -69,9 +72,14 @@ def method_config(method: str, budget: int, n: int, model_config: Any) -> KNNCon
 
 
 def frontier_settings(
-    methods: Sequence[str], budgets: Sequence[float], n: int, model_config: Any
+    methods: Sequence[str],
+    budgets: Sequence[float],
+    n: int,
+    model_config: Any,
+    calibrated: Callable[[float], KNNConfig] | None = None,
 ) -> list[tuple[str, float | None, KNNConfig]]:
-    """(method, budget %, config) for every method and budget (a share of n, in %) it can meet."""
+    """(method, budget %, config) for every method and budget (a share of n, in %) it can meet;
+    `calibrated(budget %)` gives the `calibrated` method's configs."""
     if not methods:
         raise ValueError("No frontier methods given; choose from " + ", ".join(METHODS) + ".")
     if not budgets or any(not 0 < b <= 100 for b in budgets):
@@ -80,6 +88,11 @@ def frontier_settings(
     for method in methods:
         if method in PRESETS:
             out.append((method, None, KNNConfig.preset(method)))
+            continue
+        if method == "calibrated":
+            if calibrated is None:
+                raise ValueError("The 'calibrated' method needs a calibration text; pass calibration_ids.")
+            out.extend((method, budget, calibrated(budget)) for budget in budgets)
             continue
         for budget in budgets:
             config = method_config(method, round(budget * n / 100), n, model_config)
@@ -100,9 +113,11 @@ def run_frontier(
     progress: bool = True,
     on_document: Callable[[dict[str, Any]], None] | None = None,
     resume_from: dict[str, Any] | None = None,
+    calibration_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Every method at every budget beside dense, one window of `max_length` per document (each
-    document must have that many tokens). Returns `evaluate_perplexity`'s result with `rows`: per
+    document must have that many tokens); `calibrated` is fitted on `calibration_ids`, a text not
+    among the documents, cut to the same length. Returns `evaluate_perplexity`'s result with `rows`: per
     setting, its method, budget, keys read, ratio to dense and the spread of per-document ratios."""
     if not documents:
         raise ValueError("The frontier needs at least one document of max_length tokens.")
@@ -113,7 +128,14 @@ def run_frontier(
             "drop them (--min-tokens) or lower --max-length."
         )
     documents = [(name, list(ids)[:max_length]) for name, ids in documents]
-    settings = frontier_settings(methods, budgets, max_length, model.config)
+    calibrated = None
+    if calibration_ids is not None:
+        ids = list(calibration_ids)[:max_length]
+
+        def calibrated(budget: float) -> KNNConfig:
+            return calibrate(model, ids, budget=budget, progress=progress)["config"]
+
+    settings = frontier_settings(methods, budgets, max_length, model.config, calibrated)
     result = evaluate_perplexity(
         model,
         documents,
