@@ -198,8 +198,9 @@ def print_calibration(result: dict[str, Any], console: Any = None) -> None:
     from .extras import require
 
     table = require("rich.table", "calibrate").Table(
-        title=f"k per layer for {result['budget']:g}% of {result['n']} keys: "
-        f"{result['keys_read']:.1f} keys read on average ({100 * result['keys_read'] / result['n']:.2f}%)"
+        title="k per layer",
+        caption=f"{result['keys_read']:.1f} of {result['n']} keys read on average over the layers "
+        f"({100 * result['keys_read'] / result['n']:.2f}%; budget {result['budget']:g}%)",
     )
     for col in ("layer", "attention", "k", "keys read", "output error"):
         table.add_column(col, justify="left" if col == "attention" else "right")

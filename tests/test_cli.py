@@ -233,7 +233,7 @@ def test_every_option_of_every_command_has_help_and_knnconfig_flags_read_its_fie
     from knn_patch import KNNConfig
 
     (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    for command in ("demo", "eval", "needle", "frontier", "approx", "report"):
+    for command in ("demo", "eval", "needle", "frontier", "calibrate", "approx", "report"):
         actions = sub.choices[command]._actions
         assert not [a.dest for a in actions if not a.help], command
     fields = {f.name: f for f in dataclasses.fields(KNNConfig)}
