@@ -118,30 +118,26 @@ def _grid(free: int) -> list[int]:
     return [*grid, max(free, 1)] if free > 1 else grid
 
 
-def calibrate(
+def measure(
     model: torch.nn.Module,
     input_ids: torch.Tensor | Sequence[int],
     *,
-    budget: float = 2.0,
     base: KNNConfig = BASE,
     queries: int = 1024,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """A `KNNConfig` with a k per layer that reads `budget`% of the text's n keys on average over
-    the layers, fitted on `input_ids` (one text, as long as the contexts it is meant for).
+    """Each layer's error curve on `input_ids`, for `fit` to spend a budget on (one dense pass and
+    the curves serve any number of budgets).
 
-    `base` gives the sinks, window, rest and layers (the `topk` backend only); layers it leaves
-    dense count all they see. The last `queries` positions are measured. Returns {"config": the
-    KNNConfig, "n", "budget", "keys_read", "rows": per layer its k, keys read, error and the error
-    curve}. Save the config with the model or pass it to `patch`.
+    `base` gives the sinks, window, rest and layers (the `topk` backend only). The last `queries`
+    positions are measured. Returns {"n", "queries", "base", "seen": the keys each layer sees,
+    "layers": per calibrated layer its index, whether it is global, and its grid of k with the keys
+    read and the error at each}.
     """
     from .bench.activations import capture_activations  # late: bench imports the patcher
-    from .eval.evaluation import keys_read
 
     if base.backend != "topk":
         raise ValueError(f"calibrate measures the 'topk' backend; base has backend={base.backend!r}.")
-    if not 0 < budget <= 100:
-        raise ValueError(f"budget is a share of the keys in %, in (0, 100]; got {budget}.")
     ids = torch.as_tensor(input_ids).reshape(1, -1)
     n = ids.shape[1]
     if n < 2:
@@ -156,41 +152,78 @@ def calibrate(
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model
     acts = capture_activations(inner, ids, layers=layers)
     fixed = base.sink_tokens + base.local_window + (base.backend_options.get("rest") == "mean")
-    grids = [_grid(seen[i] - base.sink_tokens - base.local_window) for i in layers]
-    costs = [[min(seen[i], fixed + kk) for kk in grid] for i, grid in zip(layers, grids, strict=True)]
-    errors = []
-    for layer, grid in tqdm(list(zip(layers, grids, strict=True)), desc="calibrating", disable=not progress):
+    rows = []
+    for layer in tqdm(layers, desc="calibrating", disable=not progress):
         act = acts.pop(layer)  # freed once measured
+        grid = _grid(seen[layer] - base.sink_tokens - base.local_window)
         q = act["q"][:, :, -min(queries, n) :]
         kwargs = {"scale": act["scale"], "window": windows[layer], "softcap": act.get("softcap")}
-        errors.append(layer_errors(q, act["k"], act["v"], grid, base, **kwargs))
-    # the budget over all layers, less what the layers `base` leaves dense read
-    total = budget / 100 * n * n_layers - sum(seen[i] for i in range(n_layers) if i not in layers)
-    choice = allocate(errors, costs, total)
-    ks = [grid[i] for grid, i in zip(grids, choice, strict=True)]
-    rules = [_k_rule(kk, n, windows[layer] is None) for layer, kk in zip(layers, ks, strict=True)]
+        rows.append(
+            {
+                "layer": layer,
+                "global": windows[layer] is None,
+                "grid": grid,
+                "keys_read": [min(seen[layer], fixed + kk) for kk in grid],
+                "errors": layer_errors(q, act["k"], act["v"], grid, base, **kwargs),
+            }
+        )
+    return {"n": n, "queries": min(queries, n), "base": base, "seen": seen, "layers": rows}
+
+
+def fit(measured: dict[str, Any], budget: float) -> dict[str, Any]:
+    """The k per layer that reads `budget`% of n keys on average over all layers (those `base`
+    leaves dense count all they see) with the least sum of squared errors, from `measure`'s curves.
+
+    Returns {"config": the KNNConfig, "n", "budget", "keys_read", "queries", "rows": per layer its
+    k, keys read, error and error curve}."""
+    if not 0 < budget <= 100:
+        raise ValueError(f"budget is a share of the keys in %, in (0, 100]; got {budget}.")
+    n, seen, layers = measured["n"], measured["seen"], measured["layers"]
+    dense = sum(seen) - sum(seen[row["layer"]] for row in layers)
+    choice = allocate(
+        [row["errors"] for row in layers],
+        [row["keys_read"] for row in layers],
+        budget / 100 * n * len(seen) - dense,
+    )
+    rules = [_k_rule(row["grid"][i], n, row["global"]) for row, i in zip(layers, choice, strict=True)]
     common = max(set(rules), key=lambda rule: (rules.count(rule), str(rule)))
-    layer_k = {layer: rule for layer, rule in zip(layers, rules, strict=True) if rule != common}
-    config = base.replace(k=common, layer_k=layer_k)
+    layer_k = {row["layer"]: rule for row, rule in zip(layers, rules, strict=True) if rule != common}
     rows = [
         {
-            "layer": layer,
-            "global": windows[layer] is None,
-            "k": grid[i],
-            "keys_read": cost[i],
-            "error": err[i],
-            "curve": dict(zip(grid, err, strict=True)),
+            "layer": row["layer"],
+            "global": row["global"],
+            "k": row["grid"][i],
+            "keys_read": row["keys_read"][i],
+            "error": row["errors"][i],
+            "curve": dict(zip(row["grid"], row["errors"], strict=True)),
         }
-        for layer, grid, i, cost, err in zip(layers, grids, choice, costs, errors, strict=True)
+        for row, i in zip(layers, choice, strict=True)
     ]
     return {
-        "config": config,
+        "config": measured["base"].replace(k=common, layer_k=layer_k),
         "n": n,
         "budget": budget,
-        "keys_read": keys_read(config, n, model_config),
-        "queries": min(queries, n),
+        "keys_read": (dense + sum(row["keys_read"] for row in rows)) / len(seen),
+        "queries": measured["queries"],
         "rows": rows,
     }
+
+
+def calibrate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor | Sequence[int],
+    *,
+    budget: float = 2.0,
+    base: KNNConfig = BASE,
+    queries: int = 1024,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """A `KNNConfig` with a k per layer that reads `budget`% of the text's n keys on average over
+    the layers, fitted on `input_ids` (one text, as long as the contexts it is meant for): `fit`
+    on `measure`. Save the config with the model or pass it to `patch`."""
+    if not 0 < budget <= 100:  # before the long work
+        raise ValueError(f"budget is a share of the keys in %, in (0, 100]; got {budget}.")
+    return fit(measure(model, input_ids, base=base, queries=queries, progress=progress), budget)
 
 
 def print_calibration(result: dict[str, Any], console: Any = None) -> None:

@@ -216,9 +216,13 @@ def frontier(args: argparse.Namespace) -> dict:
 def calibrate(args: argparse.Namespace) -> dict:
     """Fit a k per layer to a key budget on one calibration text: a table, calibration.json and a
     settings.yaml for `eval --settings` and `needle --settings`."""
-    from .calibration import BASE, print_calibration, write_calibration
-    from .calibration import calibrate as fit
+    from . import calibration
 
+    if not 0 < args.budget <= 100 or args.tokens < 2 or args.document < 0 or args.queries < 1:
+        raise ValueError(
+            f"--budget is a share in %, in (0, 100]; --tokens >= 2, --document >= 0 and --queries >= 1; got "
+            f"{args.budget}, {args.tokens}, {args.document} and {args.queries}."
+        )
     out = ensure_writable(args.out)  # fail before the long work, not after it
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     docs, _ = _documents(
@@ -229,11 +233,12 @@ def calibrate(args: argparse.Namespace) -> dict:
             f"--document {args.document} asks for document {args.document + 1} of at least {args.tokens} "
             f"tokens, and {len(docs)} were found: lower --tokens or --document."
         )
-    base = BASE.replace(sink_tokens=args.sink_tokens, local_window=args.local_window)
-    result = fit(model, docs[args.document]["input_ids"], budget=args.budget, base=base, queries=args.queries)
+    base = calibration.BASE.replace(sink_tokens=args.sink_tokens, local_window=args.local_window)
+    ids = docs[args.document]["input_ids"]
+    result = calibration.calibrate(model, ids, budget=args.budget, base=base, queries=args.queries)
     result.update(document=docs[args.document]["name"], args=vars(args), environment=environment())
-    print_calibration(result)
-    paths = write_calibration(result, out)
+    calibration.print_calibration(result)
+    paths = calibration.write_calibration(result, out)
     print(f"config: {result['config']}\nwrote {', '.join(str(p) for p in paths.values())}")
     return result
 

@@ -143,3 +143,14 @@ def test_knn_patch_calibrate_writes_a_settings_file_that_eval_reads(tmp_path, ca
     assert result["settings"][1]["keys_read_at_max_length"] == pytest.approx(saved["keys_read"])
     with pytest.raises(ValueError, match="lower --tokens or --document"):
         main(["calibrate", "--tokens", "256", "--document", "100000", "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    "args", [["--budget", "0"], ["--budget", "101"], ["--tokens", "1"], ["--document", "-1"]]
+)
+def test_bad_calibrate_flags_fail_before_the_model_loads(tmp_path, monkeypatch, args):
+    from knn_patch import cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match="--budget is a share"):
+        cli.main(["calibrate", *args, "--out", str(tmp_path)])

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..calibration import calibrate
+from ..calibration import fit, measure
 from ..config import PRESETS, KNNConfig, resolve_k
 from ..extras import pyplot, require
 from ..io import atomic_write, write_json_atomic
@@ -129,11 +129,11 @@ def run_frontier(
         )
     documents = [(name, list(ids)[:max_length]) for name, ids in documents]
     calibrated = None
-    if calibration_ids is not None:
-        ids = list(calibration_ids)[:max_length]
+    if calibration_ids is not None and "calibrated" in methods:
+        curves = measure(model, list(calibration_ids)[:max_length], progress=progress)
 
         def calibrated(budget: float) -> KNNConfig:
-            return calibrate(model, ids, budget=budget, progress=progress)["config"]
+            return fit(curves, budget)["config"]
 
     settings = frontier_settings(methods, budgets, max_length, model.config, calibrated)
     result = evaluate_perplexity(
