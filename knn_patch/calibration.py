@@ -129,10 +129,10 @@ def measure(
     """Each layer's error curve on `input_ids`, for `fit` to spend a budget on (one dense pass and
     the curves serve any number of budgets).
 
-    `base` gives the sinks, window, rest and layers (the `topk` backend only). The last `queries`
-    positions are measured. Returns {"n", "queries", "base", "seen": the keys each layer sees,
-    "layers": per calibrated layer its index, whether it is global, and its grid of k with the keys
-    read and the error at each}.
+    `base` gives the sinks, window, rest and layers (the `topk` backend only); its `layer_k` entries
+    are floors, the least k those layers get. The last `queries` positions are measured. Returns
+    {"n", "queries", "base", "seen": the keys each layer sees, "layers": per calibrated layer its
+    index, whether it is global, and its grid of k with the keys read and the error at each}.
     """
     from .bench.activations import capture_activations  # late: bench imports the patcher
 
@@ -155,7 +155,11 @@ def measure(
     rows = []
     for layer in tqdm(layers, desc="calibrating", disable=not progress):
         act = acts.pop(layer)  # freed once measured
-        grid = _grid(seen[layer] - base.sink_tokens - base.local_window)
+        free = seen[layer] - base.sink_tokens - base.local_window
+        grid = _grid(free)
+        if layer in base.layer_k:  # a floor: the layer's grid starts there
+            floor = min(base.resolve_k(n, layer), max(free, 1))
+            grid = [floor, *(kk for kk in grid if kk > floor)]
         q = act["q"][:, :, -min(queries, n) :]
         kwargs = {"scale": act["scale"], "window": windows[layer], "softcap": act.get("softcap")}
         rows.append(

@@ -166,14 +166,14 @@ def report(args: argparse.Namespace) -> None:
 def frontier(args: argparse.Namespace) -> dict:
     """Perplexity relative to dense against the share of keys read, for each method at each budget,
     beside dense on the same windows: a table, frontier.json and frontier.png."""
-    from .eval.frontier import METHODS, print_frontier, run_frontier, write_frontier
+    from .eval.frontier import CALIBRATED, METHODS, print_frontier, run_frontier, write_frontier
 
     out = ensure_writable(args.out)  # fail before the long work, not after it
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"Unknown --methods {unknown}; choose from {', '.join(METHODS)}.")
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    held_out = "calibrated" in args.methods  # one more document, never scored, to calibrate on
+    held_out = bool(set(CALIBRATED) & set(args.methods))  # one more document, never scored, to calibrate on
     docs, skipped = _documents(
         args,
         tokenizer,
@@ -186,8 +186,8 @@ def frontier(args: argparse.Namespace) -> dict:
     if held_out:
         if len(docs) < 2:
             raise ValueError(
-                f"--methods calibrated holds out one document of {args.max_length} tokens to calibrate "
-                f"on, and {len(docs)} were found: add documents or lower --max-length."
+                f"--methods {', '.join(CALIBRATED)} hold out one document of {args.max_length} tokens "
+                f"to calibrate on, and {len(docs)} were found: add documents or lower --max-length."
             )
         calibration = docs[len(docs) - 1]
         docs = docs.select(range(len(docs) - 1))

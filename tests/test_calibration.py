@@ -92,6 +92,14 @@ def test_bad_calibration_input_is_refused(model):
         calibrate(model, _ids(200), budget=1, progress=False)  # 2 keys: below 4 sinks + 8 window
 
 
+def test_a_base_layer_k_is_a_floor(model):
+    n = 160
+    base = calibrate.__kwdefaults__["base"].replace(layer_k={3: 100})
+    result = calibrate(model, _ids(n), budget=25, base=base, queries=32, progress=False)
+    assert result["rows"][3]["k"] >= 100 and min(result["rows"][3]["curve"]) == 100
+    assert result["keys_read"] <= 25 / 100 * n
+
+
 def test_layers_the_base_leaves_dense_count_all_they_see(model):
     n = 160
     base = calibrate.__kwdefaults__["base"].replace(layers=(1, 3))
@@ -124,6 +132,11 @@ def test_the_frontier_calibrates_on_its_held_out_text(model):
     low, full = result["rows"]
     assert low["keys_percent"] <= 25 and full["ratio_to_dense"] == pytest.approx(1.0, abs=1e-4)
     assert math.isfinite(low["ratio_to_dense"])
+    asked = []
+    frontier_settings(
+        ["calibrated+first"], [2], 128, model.config, lambda m, b: asked.append((m, b)) or KNNConfig(k=1)
+    )
+    assert asked == [("calibrated+first", 2)]
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from tiny_models import tiny_model
 from knn_patch.config import PRESETS
 from knn_patch.eval.evaluation import keys_read
 from knn_patch.eval.frontier import (
+    CALIBRATED,
     METHODS,
     frontier_settings,
     method_config,
@@ -26,7 +27,7 @@ def model():
     return tiny_model("gemma3_text")  # sliding and global layers: keys are counted per layer
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in (*PRESETS, "calibrated")])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in (*PRESETS, *CALIBRATED)])
 def test_each_method_reads_the_budget_it_is_given(method):
     layer_types = ["sliding_attention", "full_attention"] * 2
     model_config = tiny_model(

@@ -13,7 +13,8 @@ model's layers (`evaluation.keys_read`). Each method turns a budget of b keys in
 - `tail`: b/2 nearest keys and b/2 uniform samples of the others, reweighted (no sinks or window);
 - `faiss`: as `topk`, with the keys found by a faiss index;
 - `calibrated`: 4 sinks, an 8-key window, the rest's mean and a k per layer fitted to the budget
-  by `knn_patch.calibrate` on a held-out calibration text of the same length;
+  by `knn_patch.calibrate` on a held-out calibration text of the same length; `calibrated+first`:
+  the same with layer 0's k at least n^0.67;
 - a preset name (`fast`, `balanced`, `accurate`): that `KNNConfig.preset`, whatever the budget
   (run once; its row's budget is the share it reads).
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..calibration import fit, measure
+from ..calibration import BASE, fit, measure
 from ..config import PRESETS, KNNConfig, resolve_k
 from ..extras import pyplot, require
 from ..io import atomic_write, write_json_atomic
@@ -37,7 +38,8 @@ box = require("rich.box", "frontier")
 Console = require("rich.console", "frontier").Console
 Table = require("rich.table", "frontier").Table
 
-METHODS = ("topk", "topk+first", "topk+mean", "topk+mean+first", "tail", "faiss", "calibrated", *PRESETS)
+CALIBRATED = ("calibrated", "calibrated+first")
+METHODS = ("topk", "topk+first", "topk+mean", "topk+mean+first", "tail", "faiss", *CALIBRATED, *PRESETS)
 SINKS = 4
 FIRST_LAYER_K = "n^0.67"
 
@@ -45,7 +47,7 @@ FIRST_LAYER_K = "n^0.67"
 def method_config(method: str, budget: int, n: int, model_config: Any) -> KNNConfig | None:
     """`method`'s setting reading `budget` keys per query on average over the layers at n keys, or
     None when the budget is too small for it (every part needs at least one key)."""
-    if method not in METHODS or method in PRESETS or method == "calibrated":
+    if method not in METHODS or method in PRESETS or method in CALIBRATED:
         raise ValueError(f"Unknown frontier method {method!r}; choose from {list(METHODS)}.")
     if method == "tail":
         half = budget // 2
@@ -76,10 +78,10 @@ def frontier_settings(
     budgets: Sequence[float],
     n: int,
     model_config: Any,
-    calibrated: Callable[[float], KNNConfig] | None = None,
+    calibrated: Callable[[str, float], KNNConfig] | None = None,
 ) -> list[tuple[str, float | None, KNNConfig]]:
     """(method, budget %, config) for every method and budget (a share of n, in %) it can meet;
-    `calibrated(budget %)` gives the `calibrated` method's configs."""
+    `calibrated(method, budget %)` gives the calibrated methods' configs."""
     if not methods:
         raise ValueError("No frontier methods given; choose from " + ", ".join(METHODS) + ".")
     if not budgets or any(not 0 < b <= 100 for b in budgets):
@@ -89,10 +91,10 @@ def frontier_settings(
         if method in PRESETS:
             out.append((method, None, KNNConfig.preset(method)))
             continue
-        if method == "calibrated":
+        if method in CALIBRATED:
             if calibrated is None:
-                raise ValueError("The 'calibrated' method needs a calibration text; pass calibration_ids.")
-            out.extend((method, budget, calibrated(budget)) for budget in budgets)
+                raise ValueError(f"The {method!r} method needs a calibration text; pass calibration_ids.")
+            out.extend((method, budget, calibrated(method, budget)) for budget in budgets)
             continue
         for budget in budgets:
             config = method_config(method, round(budget * n / 100), n, model_config)
@@ -128,14 +130,18 @@ def run_frontier(
             "drop them (--min-tokens) or lower --max-length."
         )
     documents = [(name, list(ids)[:max_length]) for name, ids in documents]
-    calibrated = None
-    if calibration_ids is not None and "calibrated" in methods:
-        curves = measure(model, list(calibration_ids)[:max_length], progress=progress)
+    curves: dict[str, dict[str, Any]] = {}  # one dense pass per calibrated method, for all budgets
 
-        def calibrated(budget: float) -> KNNConfig:
-            return fit(curves, budget)["config"]
+    def calibrated(method: str, budget: float) -> KNNConfig:
+        if method not in curves:
+            base = BASE.replace(layer_k={0: FIRST_LAYER_K}) if method.endswith("+first") else BASE
+            ids = list(calibration_ids)[:max_length]
+            curves[method] = measure(model, ids, base=base, progress=progress)
+        return fit(curves[method], budget)["config"]
 
-    settings = frontier_settings(methods, budgets, max_length, model.config, calibrated)
+    settings = frontier_settings(
+        methods, budgets, max_length, model.config, None if calibration_ids is None else calibrated
+    )
     result = evaluate_perplexity(
         model,
         documents,
