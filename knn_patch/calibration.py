@@ -1,7 +1,7 @@
 """Per-layer k for a key budget: spend the keys where the attention output needs them.
 
 Layers differ a lot. At 2% of 4,096 keys, `topk` with the rest's mean leaves Gemma-3-270m's
-layer 0 an 11% output error and its layer 8 0.2% (docs/frontier.md), so one k for every layer
+layer 0 an 11% output error and its layer 8 0.2% (docs/REPORT.md), so one k for every layer
 wastes keys on the easy layers. `calibrate` runs the model densely over calibration text once,
 measures each layer's relative output error ||o_hat - o|| / ||o|| of the `topk` backend at
 k = 1, 2, 4, ... for the text's last queries, and allots k greedily: each step doubles the k
@@ -20,12 +20,14 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from .bench.activations import capture_activations
 from .config import KNNConfig, is_global_layer
 from .io import atomic_write, write_json_atomic
+from .kernels.topk import topk_attention
 
 # The estimator calibrated by default: 4 sinks, an 8-key window and the rest's exact softmax
 # mass on its values' mean. An 8-key window left less output error than 16 or 32 at 2% on
-# Gemma-3-270m (docs/frontier.md): the top-k finds the recent keys that matter.
+# Gemma-3-270m (docs/REPORT.md): the top-k finds the recent keys that matter.
 BASE = KNNConfig(k=1, sink_tokens=4, local_window=8, backend_options={"rest": "mean"})
 
 
@@ -52,8 +54,6 @@ def layer_errors(
     """The `topk` backend's relative output error against exact attention at each k of `grid`,
     for one layer's queries q (B, Hq, Lq, D), the last Lq of the keys k, v (B, Hkv, Lk, D) (sinks,
     window and rest as in `config`; `window`: the layer's sliding window, if it has one)."""
-    from .kernels.topk import topk_attention  # late: a core module, the kernels import the config
-
     lq, lk = q.shape[2], k.shape[2]
     mask = None
     if window is not None:
@@ -134,8 +134,6 @@ def measure(
     {"n", "queries", "base", "seen": the keys each layer sees, "layers": per calibrated layer its
     index, whether it is global, and its grid of k with the keys read and the error at each}.
     """
-    from .bench.activations import capture_activations  # late: bench imports the patcher
-
     if base.backend != "topk":
         raise ValueError(f"calibrate measures the 'topk' backend; base has backend={base.backend!r}.")
     ids = torch.as_tensor(input_ids).reshape(1, -1)

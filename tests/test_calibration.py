@@ -12,7 +12,7 @@ from rich.console import Console
 from tiny_models import tiny_model
 
 import knn_patch
-from knn_patch.calibration import _grid, _k_rule, allocate, calibrate, layer_errors, print_calibration
+from knn_patch.calibration import BASE, _grid, _k_rule, allocate, calibrate, layer_errors, print_calibration
 from knn_patch.config import KNNConfig, resolve_k
 from knn_patch.eval.evaluation import keys_read
 from knn_patch.eval.frontier import frontier_settings, run_frontier
@@ -53,9 +53,9 @@ def test_the_error_falls_to_zero_at_the_top_of_the_grid():
     q, k, v = (torch.randn(1, 4, n, 16, generator=gen) for n in (32, 96, 96))
     k, v = k[:, :2], v[:, :2]  # GQA
     grid = _grid(96 - 4 - 8)
-    errors = layer_errors(q, k, v, grid, calibrate.__kwdefaults__["base"], scale=0.25)
+    errors = layer_errors(q, k, v, grid, BASE, scale=0.25)
     assert errors[-1] < 1e-5 and errors[0] > 0.01
-    windowed = layer_errors(q, k, v, _grid(24 - 12), calibrate.__kwdefaults__["base"], scale=0.25, window=24)
+    windowed = layer_errors(q, k, v, _grid(24 - 12), BASE, scale=0.25, window=24)
     assert windowed[-1] < 1e-5, "a sliding layer is exact once k covers its window"
 
 
@@ -94,7 +94,7 @@ def test_bad_calibration_input_is_refused(model):
 
 def test_a_base_layer_k_is_a_floor(model):
     n = 160
-    base = calibrate.__kwdefaults__["base"].replace(layer_k={3: 100})
+    base = BASE.replace(layer_k={3: 100})
     result = calibrate(model, _ids(n), budget=25, base=base, queries=32, progress=False)
     assert result["rows"][3]["k"] >= 100 and min(result["rows"][3]["curve"]) == 100
     assert result["keys_read"] <= 25 / 100 * n
@@ -102,7 +102,7 @@ def test_a_base_layer_k_is_a_floor(model):
 
 def test_layers_the_base_leaves_dense_count_all_they_see(model):
     n = 160
-    base = calibrate.__kwdefaults__["base"].replace(layers=(1, 3))
+    base = BASE.replace(layers=(1, 3))
     result = calibrate(model, _ids(n), budget=50, base=base, queries=32, progress=False)
     assert [r["layer"] for r in result["rows"]] == [1, 3]
     assert result["keys_read"] <= 50 / 100 * n and result["config"].layers == (1, 3)
