@@ -160,13 +160,15 @@ def measure(
             grid = [floor, *(kk for kk in grid if kk > floor)]
         q = act["q"][:, :, -min(queries, n) :]
         kwargs = {"scale": act["scale"], "window": windows[layer], "softcap": act.get("softcap")}
+        sparse = [kk for kk in grid if kk < free]  # k >= free keeps every key: exact, error 0
+        errors = layer_errors(q, act["k"], act["v"], sparse, base, **kwargs) if sparse else []
         rows.append(
             {
                 "layer": layer,
                 "global": windows[layer] is None,
                 "grid": grid,
                 "keys_read": [min(seen[layer], fixed + kk) for kk in grid],
-                "errors": layer_errors(q, act["k"], act["v"], grid, base, **kwargs),
+                "errors": errors + [0.0] * (len(grid) - len(sparse)),
             }
         )
     return {"n": n, "queries": min(queries, n), "base": base, "seen": seen, "layers": rows}
