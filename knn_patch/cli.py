@@ -223,6 +223,9 @@ def calibrate(args: argparse.Namespace) -> dict:
             f"--budget is a share in %, in (0, 100]; --tokens >= 2, --document >= 0 and --queries >= 1; got "
             f"{args.budget}, {args.tokens}, {args.document} and {args.queries}."
         )
+    base = calibration.BASE.replace(
+        sink_tokens=args.sink_tokens, local_window=args.local_window, layer_k=args.layer_k
+    )
     out = ensure_writable(args.out)  # fail before the long work, not after it
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     docs, _ = _documents(
@@ -233,7 +236,6 @@ def calibrate(args: argparse.Namespace) -> dict:
             f"--document {args.document} asks for document {args.document + 1} of at least {args.tokens} "
             f"tokens, and {len(docs)} were found: lower --tokens or --document."
         )
-    base = calibration.BASE.replace(sink_tokens=args.sink_tokens, local_window=args.local_window)
     ids = docs[args.document]["input_ids"]
     result = calibration.calibrate(model, ids, budget=args.budget, base=base, queries=args.queries)
     result.update(document=docs[args.document]["name"], args=vars(args), environment=environment())
@@ -653,6 +655,12 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queries", type=int, default=1024, help="the text's last N queries are measured")
     p.add_argument("--sink-tokens", type=int, default=BASE.sink_tokens, help=_field_help("sink_tokens"))
     p.add_argument("--local-window", type=int, default=BASE.local_window, help=_field_help("local_window"))
+    p.add_argument(
+        "--layer-k",
+        type=yaml.safe_load,
+        default={},
+        help="floors, the least k of some layers, as YAML: '{0: n^0.67}' keeps layer 0 at n^0.67 or more",
+    )
     p.add_argument("--out", default="outputs/calibrate", help="folder for calibration.json and settings.yaml")
     p.set_defaults(func=calibrate)
 

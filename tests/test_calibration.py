@@ -144,9 +144,11 @@ def test_knn_patch_calibrate_writes_a_settings_file_that_eval_reads(tmp_path, ca
     from knn_patch.cli import main
 
     out = tmp_path / "cal"
-    main(["calibrate", "--tokens", "256", "--budget", "20", "--queries", "64", "--out", str(out)])
+    main(["calibrate", "--tokens", "256", "--budget", "20", "--queries", "64", "--layer-k", "{0: 100}",
+          "--out", str(out)])  # fmt: skip
     saved = json.loads((out / "calibration.json").read_text())
     assert saved["n"] == 256 and saved["keys_read"] <= 0.2 * 256 and len(saved["rows"]) == 30
+    assert saved["rows"][0]["k"] >= 100, "--layer-k is a floor"
     (entry,) = yaml.safe_load((out / "settings.yaml").read_text())
     assert KNNConfig.from_dict(entry) == KNNConfig.from_dict(saved["config"])
     assert "k per layer" in capsys.readouterr().out
@@ -159,11 +161,19 @@ def test_knn_patch_calibrate_writes_a_settings_file_that_eval_reads(tmp_path, ca
 
 
 @pytest.mark.parametrize(
-    "args", [["--budget", "0"], ["--budget", "101"], ["--tokens", "1"], ["--document", "-1"]]
+    ("args", "match"),
+    [
+        (["--budget", "0"], "--budget is a share"),
+        (["--budget", "101"], "--budget is a share"),
+        (["--tokens", "1"], "--budget is a share"),
+        (["--document", "-1"], "--budget is a share"),
+        (["--layer-k", "{0: -3}"], r"layer_k\[0\]"),
+        (["--layer-k", "[1, 2]"], "dict of layer index"),
+    ],
 )
-def test_bad_calibrate_flags_fail_before_the_model_loads(tmp_path, monkeypatch, args):
+def test_bad_calibrate_flags_fail_before_the_model_loads(tmp_path, monkeypatch, args, match):
     from knn_patch import cli
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
-    with pytest.raises(ValueError, match="--budget is a share"):
+    with pytest.raises(ValueError, match=match):
         cli.main(["calibrate", *args, "--out", str(tmp_path)])
