@@ -23,9 +23,8 @@ def capture_activations(
     """layer index -> {"q", "k", "v"}, fp32 copies (B, H, L, D; after RoPE, before the GQA repeat),
     "scale", the layer's score scaling, and "softcap" (None unless the model caps its scores), for
     `layers` (all by default). Recorded layers attend densely (SDPA), so every layer sees the dense
-    model's activations. Pass a base model
-    (`model.model`) to skip the LM head and, when `layers` are given, the decoder layers after the
-    last of them."""
+    model's activations. Pass a base model (`model.model`) to skip the LM head and, when `layers`
+    are given, the decoder layers after the last of them."""
     captured: dict[int, dict[str, Any]] = {}
 
     def capture(
