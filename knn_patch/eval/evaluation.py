@@ -417,7 +417,9 @@ def print_report(result: dict[str, Any], title: str, console: Console | None = N
     """The rich table: setting, k, keys read per query at max_length (and their %), perplexity,
     ratio to dense (× dense), tokens, seconds."""
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
-    table.add_column("setting", no_wrap=True)  # the name carries the backend and every option
+    # the name carries the backend and every option; a long one (a calibrated layer_k) folds, so
+    # the numbers stay on screen
+    table.add_column("setting", overflow="fold", max_width=72)
     for col in ("k", "keys", "keys %", "perplexity", "× dense", "tokens", "seconds"):
         table.add_column(col, justify="right", no_wrap=True)
     for setting in result["settings"]:
