@@ -21,7 +21,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .bench.activations import capture_activations
-from .config import KNNConfig, is_global_layer
+from .config import KNNConfig, is_global_layer, layer_keys_read
 from .io import atomic_write, write_json_atomic
 from .kernels.topk import topk_attention
 
@@ -149,7 +149,7 @@ def measure(
     layers = [i for i in range(n_layers) if base.uses_layer(i, model_config)]
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model
     acts = capture_activations(inner, ids, layers=layers)
-    fixed = base.sink_tokens + base.local_window + (base.backend_options.get("rest") == "mean")
+    saved = base.to_dict()
     rows = []
     for layer in tqdm(layers, desc="calibrating", disable=not progress):
         act = acts.pop(layer)  # freed once measured
@@ -167,11 +167,17 @@ def measure(
                 "layer": layer,
                 "global": windows[layer] is None,
                 "grid": grid,
-                "keys_read": [min(seen[layer], fixed + kk) for kk in grid],
+                "keys_read": [layer_keys_read(saved, kk, seen[layer]) for kk in grid],
                 "errors": errors + [0.0] * (len(grid) - len(sparse)),
             }
         )
     return {"n": n, "queries": min(queries, n), "base": base, "seen": seen, "layers": rows}
+
+
+def check_budget(budget: float) -> None:
+    """A budget is a share of the keys in %, in (0, 100]."""
+    if not 0 < budget <= 100:
+        raise ValueError(f"The budget is a share of the keys in %, in (0, 100]; got {budget}.")
 
 
 def fit(measured: dict[str, Any], budget: float) -> dict[str, Any]:
@@ -180,8 +186,7 @@ def fit(measured: dict[str, Any], budget: float) -> dict[str, Any]:
 
     Returns {"config": the KNNConfig, "n", "budget", "keys_read", "queries", "rows": per layer its
     k, keys read, error and error curve}."""
-    if not 0 < budget <= 100:
-        raise ValueError(f"budget is a share of the keys in %, in (0, 100]; got {budget}.")
+    check_budget(budget)
     n, seen, layers = measured["n"], measured["seen"], measured["layers"]
     dense = sum(seen) - sum(seen[row["layer"]] for row in layers)
     choice = allocate(
@@ -225,8 +230,7 @@ def calibrate(
     """A `KNNConfig` with a k per layer that reads `budget`% of the text's n keys on average over
     the layers, fitted on `input_ids` (one text, as long as the contexts it is meant for): `fit`
     on `measure`. Save the config with the model or pass it to `patch`."""
-    if not 0 < budget <= 100:  # before the long work
-        raise ValueError(f"budget is a share of the keys in %, in (0, 100]; got {budget}.")
+    check_budget(budget)  # before the long work
     return fit(measure(model, input_ids, base=base, queries=queries, progress=progress), budget)
 
 

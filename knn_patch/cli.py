@@ -218,10 +218,11 @@ def calibrate(args: argparse.Namespace) -> dict:
     settings.yaml for `eval --settings` and `needle --settings`."""
     from . import calibration
 
-    if not 0 < args.budget <= 100 or args.tokens < 2 or args.document < 0 or args.queries < 1:
+    calibration.check_budget(args.budget)
+    if args.tokens < 2 or args.document < 0 or args.queries < 1:
         raise ValueError(
-            f"--budget is a share in %, in (0, 100]; --tokens >= 2, --document >= 0 and --queries >= 1; got "
-            f"{args.budget}, {args.tokens}, {args.document} and {args.queries}."
+            f"--tokens >= 2, --document >= 0 and --queries >= 1; got {args.tokens}, {args.document} "
+            f"and {args.queries}."
         )
     base = calibration.BASE.replace(
         sink_tokens=args.sink_tokens, local_window=args.local_window, layer_k=args.layer_k

@@ -163,10 +163,10 @@ def test_knn_patch_calibrate_writes_a_settings_file_that_eval_reads(tmp_path, ca
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["--budget", "0"], "--budget is a share"),
-        (["--budget", "101"], "--budget is a share"),
-        (["--tokens", "1"], "--budget is a share"),
-        (["--document", "-1"], "--budget is a share"),
+        (["--budget", "0"], "budget is a share"),
+        (["--budget", "101"], "budget is a share"),
+        (["--tokens", "1"], "--tokens >= 2"),
+        (["--document", "-1"], "--document >= 0"),
         (["--layer-k", "{0: -3}"], r"layer_k\[0\]"),
         (["--layer-k", "[1, 2]"], "dict of layer index"),
     ],

@@ -26,7 +26,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import KNNConfig, is_global_layer
+from ..config import KNNConfig, keys_read, layer_keys_read
 from ..extras import pyplot, require
 from ..io import atomic_write, write_json_atomic
 from ..patcher import get_config, patch, unpatch
@@ -74,46 +74,6 @@ def setting_name(config: KNNConfig | None) -> str:
     (backend, k, sinks, window, layers when not all, backend options), so that distinct configs get
     distinct names. Zero sinks or window are left out: "topk k=32 sinks=4 window=64 layers=global"."""
     return DENSE if config is None else _label(config.to_dict())
-
-
-def keys_read(config: KNNConfig | None, n: int, model_config: Any = None) -> float:
-    """Keys a query at position `n` reads: everything it attends to.
-
-    A kNN layer reads its sinks, local window and k nearest (its `layer_k`), plus `tail`'s m
-    samples, plus 1 for `topk`'s mean of the rest (one value-sized aggregate), never more than it
-    sees. Without `model_config`, one kNN layer's count (k = 32, 4 sinks and a 64-key window read
-    100 keys, 1.2% at 8k). With it, the mean over the model's layers, where a layer left dense reads
-    all it sees: n, or its sliding window. The share of n is the budget settings are compared at.
-    """
-    if model_config is None:
-        return n if config is None else _keys_read(config.to_dict(), config.resolve_k(n), n)
-    model_config = model_config.get_text_config()
-    saved = None if config is None else config.to_dict()
-    counts = []
-    for layer in range(model_config.num_hidden_layers):
-        window = (
-            None if is_global_layer(model_config, layer) else getattr(model_config, "sliding_window", None)
-        )
-        seen = n if window is None else min(n, window)
-        if config is None or not config.uses_layer(layer, model_config):
-            counts.append(seen)
-        else:
-            counts.append(_keys_read(saved, config.resolve_k(n, layer), seen))
-    return sum(counts) / len(counts)
-
-
-def _keys_read(config: Mapping[str, Any], k: int, n: int) -> int:
-    """One kNN layer's `keys_read` from a config's saved form, its k resolved, and the n keys it sees."""
-    from ..backends.tail import DEFAULTS as TAIL_DEFAULTS  # late: importing a backend registers it
-    from ..backends.topk import DEFAULTS as TOPK_DEFAULTS
-
-    options = config.get("backend_options") or {}
-    extra = 0
-    if config["backend"] == "tail":
-        extra = options.get("m", TAIL_DEFAULTS["m"])
-    elif config["backend"] == "topk" and options.get("rest", TOPK_DEFAULTS["rest"]) == "mean":
-        extra = 1
-    return min(n, config.get("sink_tokens", 0) + config.get("local_window", 0) + k + extra)
 
 
 MODES = ("sliding", "decode")
@@ -403,7 +363,7 @@ def _keys(setting: dict[str, Any], n: int) -> float:
     keys = setting.get("keys_read_at_max_length")
     if keys is None:
         config, k = setting["config"], setting.get("k_at_max_length")
-        keys = n if config is None else _keys_read(config, k, n)
+        keys = n if config is None else layer_keys_read(config, k, n)
     return keys
 
 

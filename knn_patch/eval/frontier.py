@@ -2,7 +2,7 @@
 ways of spending the same key budget, all beside dense on the same tokens.
 
 A budget is a share of the window's n keys: the keys a query at position n reads, averaged over the
-model's layers (`evaluation.keys_read`). Each method turns a budget of b keys into one `KNNConfig`:
+model's layers (`config.keys_read`). Each method turns a budget of b keys into one `KNNConfig`:
 
 - `topk`: 4 sinks, a window of b/4 keys, the rest of b as k nearest; the other keys' softmax mass
   is dropped (the kept keys' weights renormalised);
