@@ -12,7 +12,18 @@ from rich.console import Console
 from tiny_models import tiny_model
 
 import knn_patch
-from knn_patch.calibration import BASE, _grid, _k_rule, allocate, calibrate, layer_errors, print_calibration
+from knn_patch.calibration import (
+    BASE,
+    _grid,
+    _k_rule,
+    allocate,
+    calibrate,
+    fit,
+    layer_errors,
+    loss_changes,
+    measure,
+    print_calibration,
+)
 from knn_patch.config import KNNConfig, resolve_k
 from knn_patch.eval.evaluation import keys_read
 from knn_patch.eval.frontier import frontier_settings, run_frontier
@@ -106,6 +117,45 @@ def test_layers_the_base_leaves_dense_count_all_they_see(model):
     result = calibrate(model, _ids(n), budget=50, base=base, queries=32, progress=False)
     assert [r["layer"] for r in result["rows"]] == [1, 3]
     assert result["keys_read"] <= 50 / 100 * n and result["config"].layers == (1, 3)
+
+
+def test_loss_weights_are_the_loss_change_of_one_layer_per_squared_error(model):
+    n = 160
+    ids = _ids(n, seed=5)
+    measured = measure(model, ids, queries=64, loss_weights=True, progress=False)
+    with torch.no_grad():
+        dense = torch.nn.functional.cross_entropy(model(ids).logits[0, n - 64 : -1], ids[0, n - 63 :])
+    for row in measured["layers"]:
+        config = BASE.replace(k=row["grid"][0], layers=(row["layer"],))
+        with torch.no_grad(), knn_patch.patched(model, config):
+            alone = torch.nn.functional.cross_entropy(model(ids).logits[0, n - 64 : -1], ids[0, n - 63 :])
+        assert row["loss_change"] == pytest.approx(float(alone - dense), abs=1e-5)
+        expected = max(row["loss_change"], 0) / row["errors"][0] ** 2
+        assert row["weight"] == pytest.approx(expected), "loss change per squared error at the first k"
+    result = fit(measured, 25)
+    assert result["keys_read"] <= 25 / 100 * n
+    for row, fitted in zip(measured["layers"], result["rows"], strict=True):
+        if row["weight"] == 0:
+            assert fitted["k"] == row["grid"][0], "a layer that does not raise the loss gets no more keys"
+
+
+def test_a_layer_whose_first_k_keeps_every_key_changes_no_loss(model):
+    ids = _ids(12, seed=6)  # 4 sinks + an 8-key window see every key: the estimate is exact
+    measured = measure(model, ids, queries=12, progress=False)
+    changes = loss_changes(model, ids.reshape(1, -1), measured["layers"], BASE, 12, progress=False)
+    assert changes == pytest.approx([0.0] * 4, abs=1e-5)
+
+
+def test_loss_weights_move_keys_to_the_layer_the_loss_feels(model):
+    n = 160
+    measured = measure(model, _ids(n, seed=7), queries=64, progress=False)
+    rows = measured["layers"]
+    first, second = (r for r in rows if r["global"])
+    for heavy, light in ((first, second), (second, first)):
+        heavy["weight"], light["weight"] = 1000.0, 0.0
+        fitted = {r["layer"]: r["k"] for r in fit(measured, 25)["rows"]}
+        assert fitted[light["layer"]] == light["grid"][0]
+        assert fitted[heavy["layer"]] > heavy["grid"][0]
 
 
 def test_the_table_names_every_layer(model):

@@ -14,7 +14,8 @@ model's layers (`config.keys_read`). Each method turns a budget of b keys into o
 - `faiss`: as `topk`, with the keys found by a faiss index;
 - `calibrated`: 4 sinks, an 8-key window, the rest's mean and a k per layer fitted to the budget
   by `knn_patch.calibrate` on a held-out calibration text of the same length; `calibrated+first`:
-  the same with layer 0's k at least n^0.67;
+  the same with layer 0's k at least n^0.67; `calibrated+loss`: each layer's error weighted by the
+  loss change of patching it alone (`calibration.loss_changes`);
 - a preset name (`fast`, `balanced`, `accurate`): that `KNNConfig.preset`, whatever the budget
   (run once; its row's budget is the share it reads).
 """
@@ -38,7 +39,7 @@ box = require("rich.box", "frontier")
 Console = require("rich.console", "frontier").Console
 Table = require("rich.table", "frontier").Table
 
-CALIBRATED = ("calibrated", "calibrated+first")
+CALIBRATED = ("calibrated", "calibrated+first", "calibrated+loss")
 METHODS = ("topk", "topk+first", "topk+mean", "topk+mean+first", "tail", "faiss", *CALIBRATED, *PRESETS)
 SINKS = 4
 FIRST_LAYER_K = "n^0.67"
@@ -136,7 +137,8 @@ def run_frontier(
         if method not in curves:
             base = BASE.replace(layer_k={0: FIRST_LAYER_K}) if method.endswith("+first") else BASE
             ids = list(calibration_ids)[:max_length]
-            curves[method] = measure(model, ids, base=base, progress=progress)
+            loss_weights = method.endswith("+loss")
+            curves[method] = measure(model, ids, base=base, loss_weights=loss_weights, progress=progress)
         return fit(curves[method], budget)["config"]
 
     settings = frontier_settings(
