@@ -122,8 +122,9 @@ def _grid(free: int) -> list[int]:
 def _tail_nll(model: torch.nn.Module, ids: torch.Tensor, queries: int) -> float:
     """Mean next-token NLL (nats) of the last `queries` - 1 positions; only their logits are made."""
     with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False, logits_to_keep=queries).logits[0, :-1]
-    return float(torch.nn.functional.cross_entropy(logits.float(), ids[0, ids.shape[1] - queries + 1 :]))
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=queries).logits[:, :-1]
+    targets = ids[:, ids.shape[1] - queries + 1 :]
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()))
 
 
 def loss_changes(
@@ -157,7 +158,9 @@ def measure(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Each layer's error curve on `input_ids`, for `fit` to spend a budget on (one dense pass and
-    the curves serve any number of budgets).
+    the curves serve any number of budgets). `input_ids`: one text, or a batch (B, n) of texts of
+    one length, whose errors are pooled (each layer's error over all of them) so that no one text
+    decides the fit.
 
     `base` gives the sinks, window, rest and layers (the `topk` backend only); its `layer_k` entries
     are floors, the least k those layers get. The last `queries` positions are measured. With
@@ -169,7 +172,8 @@ def measure(
     """
     if base.backend != "topk":
         raise ValueError(f"calibrate measures the 'topk' backend; base has backend={base.backend!r}.")
-    ids = torch.as_tensor(input_ids).reshape(1, -1)
+    ids = torch.as_tensor(input_ids)
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
     n = ids.shape[1]
     if n < 2:
         raise ValueError("calibrate needs a text of at least 2 tokens.")
@@ -271,8 +275,8 @@ def calibrate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """A `KNNConfig` with a k per layer that reads `budget`% of the text's n keys on average over
-    the layers, fitted on `input_ids` (one text, as long as the contexts it is meant for): `fit`
-    on `measure`. Save the config with the model or pass it to `patch`."""
+    the layers, fitted on `input_ids` (one text, or a batch of texts of one length, as long as the
+    contexts it is meant for): `fit` on `measure`. Save the config with the model or pass it to `patch`."""
     check_budget(budget)  # before the long work
     measured = measure(
         model, input_ids, base=base, queries=queries, loss_weights=loss_weights, progress=progress

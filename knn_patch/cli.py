@@ -172,8 +172,11 @@ def frontier(args: argparse.Namespace) -> dict:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"Unknown --methods {unknown}; choose from {', '.join(METHODS)}.")
+    if args.calibration_docs < 1:
+        raise ValueError(f"--calibration-docs is a count of documents >= 1; got {args.calibration_docs}.")
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    held_out = bool(set(CALIBRATED) & set(args.methods))  # one more document, never scored, to calibrate on
+    # documents after the scored ones, never scored, to calibrate on
+    held_out = args.calibration_docs if set(CALIBRATED) & set(args.methods) else 0
     docs, skipped = _documents(
         args,
         tokenizer,
@@ -184,13 +187,14 @@ def frontier(args: argparse.Namespace) -> dict:
     )
     calibration = None
     if held_out:
-        if len(docs) < 2:
+        if len(docs) <= held_out:
             raise ValueError(
-                f"--methods {', '.join(CALIBRATED)} hold out one document of {args.max_length} tokens "
-                f"to calibrate on, and {len(docs)} were found: add documents or lower --max-length."
+                f"--methods {', '.join(CALIBRATED)} hold out --calibration-docs {held_out} documents of "
+                f"{args.max_length} tokens to calibrate on, and {len(docs)} were found in all: add "
+                "documents, lower --calibration-docs or lower --max-length."
             )
-        calibration = docs[len(docs) - 1]
-        docs = docs.select(range(len(docs) - 1))
+        calibration = docs.select(range(len(docs) - held_out, len(docs)))
+        docs = docs.select(range(len(docs) - held_out))
     partial, resume_from = _partial(out / "frontier.partial.json", args.resume)
     result = run_frontier(
         model,
@@ -200,11 +204,11 @@ def frontier(args: argparse.Namespace) -> dict:
         methods=args.methods,
         on_document=_saver(partial, args),
         resume_from=resume_from,
-        calibration_ids=None if calibration is None else calibration["input_ids"],
+        calibration_texts=None if calibration is None else calibration["input_ids"],
     )
     result.update(skipped_documents=skipped, args=vars(args), environment=environment())
     if calibration is not None:
-        result["calibration_document"] = calibration["name"]
+        result["calibration_documents"] = list(calibration["name"])
     model_name = "embedded SmolLM2-135M-Instruct" if args.model == "default" else args.model
     title = f"{model_name} on {args.dataset}: {len(docs)} windows of {args.max_length} tokens"
     print_frontier(result, title)
@@ -220,29 +224,34 @@ def calibrate(args: argparse.Namespace) -> dict:
 
     calibration.check_budget(args.budget)
     least = 2 if args.loss_weights else 1  # the loss scores the next token of each query
-    if args.tokens < 2 or args.document < 0 or args.queries < least:
+    if args.tokens < 2 or args.document < 0 or args.documents < 1 or args.queries < least:
         raise ValueError(
-            f"--tokens >= 2, --document >= 0 and --queries >= {least}; got {args.tokens}, {args.document} "
-            f"and {args.queries}."
+            f"--tokens >= 2, --document >= 0, --documents >= 1 and --queries >= {least}; got {args.tokens}, "
+            f"{args.document}, {args.documents} and {args.queries}."
         )
     base = calibration.BASE.replace(
         sink_tokens=args.sink_tokens, local_window=args.local_window, layer_k=args.layer_k
     )
     out = ensure_writable(args.out)  # fail before the long work, not after it
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    docs, _ = _documents(
-        args, tokenizer, min_tokens=args.tokens, max_tokens=args.tokens, max_docs=args.document + 1
-    )
-    if len(docs) <= args.document:
+    last = args.document + args.documents
+    docs, _ = _documents(args, tokenizer, min_tokens=args.tokens, max_tokens=args.tokens, max_docs=last)
+    if len(docs) < last:
         raise ValueError(
-            f"--document {args.document} asks for document {args.document + 1} of at least {args.tokens} "
-            f"tokens, and {len(docs)} were found: lower --tokens or --document."
+            f"--document {args.document} --documents {args.documents} ask for documents up to number {last} "
+            f"of at least {args.tokens} tokens, and {len(docs)} were found: lower --tokens, --document or "
+            "--documents."
         )
-    ids = docs[args.document]["input_ids"]
+    docs = docs.select(range(args.document, last))
     result = calibration.calibrate(
-        model, ids, budget=args.budget, base=base, queries=args.queries, loss_weights=args.loss_weights
+        model,
+        torch.tensor(list(docs["input_ids"])),
+        budget=args.budget,
+        base=base,
+        queries=args.queries,
+        loss_weights=args.loss_weights,
     )
-    result.update(document=docs[args.document]["name"], args=vars(args), environment=environment())
+    result.update(documents=list(docs["name"]), args=vars(args), environment=environment())
     calibration.print_calibration(result)
     paths = calibration.write_calibration(result, out)
     print(f"config: {result['config']}\nwrote {', '.join(str(p) for p in paths.values())}")
@@ -615,7 +624,13 @@ def _frontier_arguments(p: argparse.ArgumentParser) -> None:
         "--max-docs",
         type=int,
         default=3,
-        help="the first N documents of at least max-length tokens (`calibrated` calibrates on the next one)",
+        help="the first N documents of at least max-length tokens (`calibrated` calibrates on the next ones)",
+    )
+    p.add_argument(
+        "--calibration-docs",
+        type=int,
+        default=1,
+        help="the calibrated methods fit on this many documents after the scored ones, pooled",
     )
     p.add_argument(
         "--join-to",
@@ -655,6 +670,9 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--document", type=int, default=0, help="which document of at least --tokens tokens (0: the first)"
+    )
+    p.add_argument(
+        "--documents", type=int, default=1, help="fit on this many documents from --document on, pooled"
     )
     p.add_argument("--queries", type=int, default=1024, help="the text's last N queries are measured")
     p.add_argument("--sink-tokens", type=int, default=BASE.sink_tokens, help=_field_help("sink_tokens"))

@@ -146,6 +146,17 @@ def test_a_layer_whose_first_k_keeps_every_key_changes_no_loss(model):
     assert changes == pytest.approx([0.0] * 4, abs=1e-5)
 
 
+def test_texts_calibrated_together_pool_their_errors_and_loss_changes(model):
+    a, b = _ids(128, seed=8), _ids(128, seed=9)
+    apart = [measure(model, ids, queries=32, loss_weights=True, progress=False)["layers"] for ids in (a, b)]
+    pooled = measure(model, torch.cat([a, b]), queries=32, loss_weights=True, progress=False)["layers"]
+    for row, row_a, row_b in zip(pooled, *apart, strict=True):
+        for e, ea, eb in zip(row["errors"], row_a["errors"], row_b["errors"], strict=True):
+            assert min(ea, eb) - 1e-6 <= e <= max(ea, eb) + 1e-6, "one error over both texts' outputs"
+        mean = (row_a["loss_change"] + row_b["loss_change"]) / 2
+        assert row["loss_change"] == pytest.approx(mean, abs=1e-5), "the loss over both texts' tokens"
+
+
 def test_loss_weights_move_keys_to_the_layer_the_loss_feels(model):
     n = 160
     measured = measure(model, _ids(n, seed=7), queries=64, progress=False)
@@ -177,7 +188,7 @@ def test_the_frontier_calibrates_on_its_held_out_text(model):
         budgets=[25, 100],
         methods=["calibrated"],
         progress=False,
-        calibration_ids=_ids(140, 4)[0].tolist(),
+        calibration_texts=[_ids(140, 4)[0].tolist()],
     )
     low, full = result["rows"]
     assert low["keys_percent"] <= 25 and full["ratio_to_dense"] == pytest.approx(1.0, abs=1e-4)
@@ -195,9 +206,10 @@ def test_knn_patch_calibrate_writes_a_settings_file_that_eval_reads(tmp_path, ca
 
     out = tmp_path / "cal"
     main(["calibrate", "--tokens", "256", "--budget", "20", "--queries", "64", "--layer-k", "{0: 100}",
-          "--out", str(out)])  # fmt: skip
+          "--documents", "2", "--out", str(out)])  # fmt: skip
     saved = json.loads((out / "calibration.json").read_text())
     assert saved["n"] == 256 and saved["keys_read"] <= 0.2 * 256 and len(saved["rows"]) == 30
+    assert len(set(saved["documents"])) == 2
     assert saved["rows"][0]["k"] >= 100, "--layer-k is a floor"
     (entry,) = yaml.safe_load((out / "settings.yaml").read_text())
     assert KNNConfig.from_dict(entry) == KNNConfig.from_dict(saved["config"])
@@ -206,8 +218,23 @@ def test_knn_patch_calibrate_writes_a_settings_file_that_eval_reads(tmp_path, ca
           "--max-tokens", "256", "--max-length", "256", "--out", str(tmp_path / "eval")])  # fmt: skip
     result = json.loads((tmp_path / "eval" / "perplexity.json").read_text())
     assert result["settings"][1]["keys_read_at_max_length"] == pytest.approx(saved["keys_read"])
-    with pytest.raises(ValueError, match="lower --tokens or --document"):
+    with pytest.raises(ValueError, match="lower --tokens, --document or --documents"):
         main(["calibrate", "--tokens", "256", "--document", "100000", "--out", str(out)])
+
+
+@pytest.mark.slow
+def test_the_frontier_calibrates_on_documents_it_does_not_score(tmp_path):
+    from knn_patch.cli import main
+
+    out = tmp_path / "frontier"
+    main(["frontier", "--max-length", "256", "--max-docs", "1", "--calibration-docs", "2", "--budgets", "20",
+          "--methods", "calibrated", "--out", str(out)])  # fmt: skip
+    result = json.loads((out / "frontier.json").read_text())
+    scored = [d["name"] for d in result["documents"]]
+    assert len(scored) == 1 and len(set(result["calibration_documents"])) == 2
+    assert not set(scored) & set(result["calibration_documents"])
+    with pytest.raises(ValueError, match="--calibration-docs is a count"):
+        main(["frontier", "--methods", "calibrated", "--calibration-docs", "0", "--out", str(out)])
 
 
 @pytest.mark.parametrize(
@@ -217,6 +244,8 @@ def test_knn_patch_calibrate_writes_a_settings_file_that_eval_reads(tmp_path, ca
         (["--budget", "101"], "budget is a share"),
         (["--tokens", "1"], "--tokens >= 2"),
         (["--document", "-1"], "--document >= 0"),
+        (["--documents", "0"], "--documents >= 1"),
+        (["--queries", "1", "--loss-weights"], "--queries >= 2"),
         (["--layer-k", "{0: -3}"], r"layer_k\[0\]"),
         (["--layer-k", "[1, 2]"], "dict of layer index"),
     ],

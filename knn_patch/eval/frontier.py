@@ -94,7 +94,7 @@ def frontier_settings(
             continue
         if method in CALIBRATED:
             if calibrated is None:
-                raise ValueError(f"The {method!r} method needs a calibration text; pass calibration_ids.")
+                raise ValueError(f"The {method!r} method needs a calibration text; pass calibration_texts.")
             out.extend((method, budget, calibrated(method, budget)) for budget in budgets)
             continue
         for budget in budgets:
@@ -116,10 +116,10 @@ def run_frontier(
     progress: bool = True,
     on_document: Callable[[dict[str, Any]], None] | None = None,
     resume_from: dict[str, Any] | None = None,
-    calibration_ids: Sequence[int] | None = None,
+    calibration_texts: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Every method at every budget beside dense, one window of `max_length` per document (each
-    document must have that many tokens); `calibrated` is fitted on `calibration_ids`, a text not
+    document must have that many tokens); `calibrated` is fitted on `calibration_texts`, texts not
     among the documents, cut to the same length. Returns `evaluate_perplexity`'s result with `rows`: per
     setting, its method, budget, keys read, ratio to dense and the spread of per-document ratios."""
     if not documents:
@@ -136,13 +136,13 @@ def run_frontier(
     def calibrated(method: str, budget: float) -> KNNConfig:
         if method not in curves:
             base = BASE.replace(layer_k={0: FIRST_LAYER_K}) if method.endswith("+first") else BASE
-            ids = list(calibration_ids)[:max_length]
+            ids = torch.tensor([list(text)[:max_length] for text in calibration_texts])
             loss_weights = method.endswith("+loss")
             curves[method] = measure(model, ids, base=base, loss_weights=loss_weights, progress=progress)
         return fit(curves[method], budget)["config"]
 
     settings = frontier_settings(
-        methods, budgets, max_length, model.config, None if calibration_ids is None else calibrated
+        methods, budgets, max_length, model.config, None if calibration_texts is None else calibrated
     )
     result = evaluate_perplexity(
         model,
