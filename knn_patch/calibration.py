@@ -24,7 +24,6 @@ from .bench.activations import capture_activations
 from .config import KNNConfig, is_global_layer, layer_keys_read
 from .io import atomic_write, write_json_atomic
 from .kernels.topk import topk_attention
-from .patcher import patched
 
 # The estimator calibrated by default: 4 sinks, an 8-key window and the rest's exact softmax
 # mass on its values' mean. An 8-key window left less output error than 16 or 32 at 2% on
@@ -119,42 +118,12 @@ def _grid(free: int) -> list[int]:
     return [*grid, max(free, 1)] if free > 1 else grid
 
 
-def _tail_nll(model: torch.nn.Module, ids: torch.Tensor, queries: int) -> float:
-    """Mean next-token NLL (nats) of the last `queries` - 1 positions; only their logits are made."""
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False, logits_to_keep=queries).logits[:, :-1]
-    targets = ids[:, ids.shape[1] - queries + 1 :]
-    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()))
-
-
-def loss_changes(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    rows: Sequence[dict[str, Any]],
-    base: KNNConfig,
-    queries: int,
-    progress: bool = True,
-) -> list[float]:
-    """Per row of `measure`, the rise in the model's NLL (nats per token, last `queries` tokens)
-    when that layer alone runs `base` at the first k of its grid and every other layer is dense:
-    the layer's weight in the loss, which its output error alone misjudges (an error in layer 0
-    travels through every later layer)."""
-    dense = _tail_nll(model, input_ids, queries)
-    changes = []
-    for row in tqdm(rows, desc="patching one layer at a time", disable=not progress):
-        config = base.replace(k=row["grid"][0], layers=(row["layer"],), layer_k={})
-        with patched(model, config):
-            changes.append(_tail_nll(model, input_ids, queries) - dense)
-    return changes
-
-
 def measure(
     model: torch.nn.Module,
     input_ids: torch.Tensor | Sequence[int],
     *,
     base: KNNConfig = BASE,
     queries: int = 1024,
-    loss_weights: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Each layer's error curve on `input_ids`, for `fit` to spend a budget on (one dense pass and
@@ -163,12 +132,9 @@ def measure(
     decides the fit.
 
     `base` gives the sinks, window, rest and layers (the `topk` backend only); its `layer_k` entries
-    are floors, the least k those layers get. The last `queries` positions are measured. With
-    `loss_weights`, each layer's squared error is weighted by its measured loss change per squared
-    error at its first k (`loss_changes`; one more forward pass per layer), so `fit` spends keys
-    on the loss rather than on the output error. Returns {"n", "queries", "base", "seen": the keys
-    each layer sees, "layers": per calibrated layer its index, whether it is global, its grid of k
-    with the keys read and the error at each, and its "weight" (1 without `loss_weights`)}.
+    are floors, the least k those layers get. The last `queries` positions are measured. Returns
+    {"n", "queries", "base", "seen": the keys each layer sees, "layers": per calibrated layer its
+    index, whether it is global, and its grid of k with the keys read and the error at each}.
     """
     if base.backend != "topk":
         raise ValueError(f"calibrate measures the 'topk' backend; base has backend={base.backend!r}.")
@@ -177,8 +143,6 @@ def measure(
     n = ids.shape[1]
     if n < 2:
         raise ValueError("calibrate needs a text of at least 2 tokens.")
-    if loss_weights and queries < 2:
-        raise ValueError(f"loss_weights scores each query's next token; use queries >= 2, not {queries}.")
     model_config = model.config.get_text_config()
     n_layers = model_config.num_hidden_layers
     windows = [
@@ -208,15 +172,8 @@ def measure(
                 "grid": grid,
                 "keys_read": [layer_keys_read(saved, kk, seen[layer]) for kk in grid],
                 "errors": errors + [0.0] * (len(grid) - len(sparse)),
-                "weight": 1.0,
             }
         )
-    if loss_weights:
-        changes = loss_changes(model, ids, rows, base, min(queries, n), progress)
-        for row, change in zip(rows, changes, strict=True):
-            # a layer whose coarsest estimate does not raise the loss gets no more keys
-            row["loss_change"] = change
-            row["weight"] = max(change, 0.0) / row["errors"][0] ** 2 if row["errors"][0] > 0 else 0.0
     return {"n": n, "queries": min(queries, n), "base": base, "seen": seen, "layers": rows}
 
 
@@ -236,7 +193,7 @@ def fit(measured: dict[str, Any], budget: float) -> dict[str, Any]:
     n, seen, layers = measured["n"], measured["seen"], measured["layers"]
     dense = sum(seen) - sum(seen[row["layer"]] for row in layers)
     choice = allocate(
-        [[row["weight"] ** 0.5 * e for e in row["errors"]] for row in layers],
+        [row["errors"] for row in layers],
         [row["keys_read"] for row in layers],
         budget / 100 * n * len(seen) - dense,
     )
@@ -271,17 +228,13 @@ def calibrate(
     budget: float = 2.0,
     base: KNNConfig = BASE,
     queries: int = 1024,
-    loss_weights: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """A `KNNConfig` with a k per layer that reads `budget`% of the text's n keys on average over
     the layers, fitted on `input_ids` (one text, or a batch of texts of one length, as long as the
     contexts it is meant for): `fit` on `measure`. Save the config with the model or pass it to `patch`."""
     check_budget(budget)  # before the long work
-    measured = measure(
-        model, input_ids, base=base, queries=queries, loss_weights=loss_weights, progress=progress
-    )
-    return fit(measured, budget)
+    return fit(measure(model, input_ids, base=base, queries=queries, progress=progress), budget)
 
 
 def print_calibration(result: dict[str, Any], console: Any = None) -> None:

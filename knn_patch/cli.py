@@ -223,10 +223,9 @@ def calibrate(args: argparse.Namespace) -> dict:
     from . import calibration
 
     calibration.check_budget(args.budget)
-    least = 2 if args.loss_weights else 1  # the loss scores the next token of each query
-    if args.tokens < 2 or args.document < 0 or args.documents < 1 or args.queries < least:
+    if args.tokens < 2 or args.document < 0 or args.documents < 1 or args.queries < 1:
         raise ValueError(
-            f"--tokens >= 2, --document >= 0, --documents >= 1 and --queries >= {least}; got {args.tokens}, "
+            f"--tokens >= 2, --document >= 0, --documents >= 1 and --queries >= 1; got {args.tokens}, "
             f"{args.document}, {args.documents} and {args.queries}."
         )
     base = calibration.BASE.replace(
@@ -243,14 +242,8 @@ def calibrate(args: argparse.Namespace) -> dict:
             "--documents."
         )
     docs = docs.select(range(args.document, last))
-    result = calibration.calibrate(
-        model,
-        torch.tensor(list(docs["input_ids"])),
-        budget=args.budget,
-        base=base,
-        queries=args.queries,
-        loss_weights=args.loss_weights,
-    )
+    ids = torch.tensor(list(docs["input_ids"]))
+    result = calibration.calibrate(model, ids, budget=args.budget, base=base, queries=args.queries)
     result.update(documents=list(docs["name"]), args=vars(args), environment=environment())
     calibration.print_calibration(result)
     paths = calibration.write_calibration(result, out)
@@ -682,11 +675,6 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
         type=yaml.safe_load,
         default={},
         help="floors, the least k of some layers, as YAML: '{0: n^0.67}' keeps layer 0 at n^0.67 or more",
-    )
-    p.add_argument(
-        "--loss-weights",
-        action="store_true",
-        help="weight each layer's error by the loss change of patching it alone (one forward pass per layer)",
     )
     p.add_argument("--out", default="outputs/calibrate", help="folder for calibration.json and settings.yaml")
     p.set_defaults(func=calibrate)

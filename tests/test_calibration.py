@@ -18,9 +18,7 @@ from knn_patch.calibration import (
     _k_rule,
     allocate,
     calibrate,
-    fit,
     layer_errors,
-    loss_changes,
     measure,
     print_calibration,
 )
@@ -49,6 +47,7 @@ def test_allocate_spends_the_budget_where_the_squared_error_falls_most():
     assert allocate([steep, flat], costs, budget=2) == [0, 0], "the floor when nothing more fits"
     with pytest.raises(ValueError, match="raise it"):
         allocate([steep, flat], costs, budget=1.5)
+    assert allocate([steep, [0.3] * 4], costs, budget=100) == [3, 0], "no keys for no fall in error"
 
 
 @pytest.mark.parametrize("n", [100, 4096, 16384])
@@ -119,54 +118,16 @@ def test_layers_the_base_leaves_dense_count_all_they_see(model):
     assert result["keys_read"] <= 50 / 100 * n and result["config"].layers == (1, 3)
 
 
-def test_loss_weights_are_the_loss_change_of_one_layer_per_squared_error(model):
-    n = 160
-    ids = _ids(n, seed=5)
-    measured = measure(model, ids, queries=64, loss_weights=True, progress=False)
-    with torch.no_grad():
-        dense = torch.nn.functional.cross_entropy(model(ids).logits[0, n - 64 : -1], ids[0, n - 63 :])
-    for row in measured["layers"]:
-        config = BASE.replace(k=row["grid"][0], layers=(row["layer"],))
-        with torch.no_grad(), knn_patch.patched(model, config):
-            alone = torch.nn.functional.cross_entropy(model(ids).logits[0, n - 64 : -1], ids[0, n - 63 :])
-        assert row["loss_change"] == pytest.approx(float(alone - dense), abs=1e-5)
-        expected = max(row["loss_change"], 0) / row["errors"][0] ** 2
-        assert row["weight"] == pytest.approx(expected), "loss change per squared error at the first k"
-    result = fit(measured, 25)
-    assert result["keys_read"] <= 25 / 100 * n
-    for row, fitted in zip(measured["layers"], result["rows"], strict=True):
-        if row["weight"] == 0:
-            assert fitted["k"] == row["grid"][0], "a layer that does not raise the loss gets no more keys"
-
-
-def test_a_layer_whose_first_k_keeps_every_key_changes_no_loss(model):
-    ids = _ids(12, seed=6)  # 4 sinks + an 8-key window see every key: the estimate is exact
-    measured = measure(model, ids, queries=12, progress=False)
-    changes = loss_changes(model, ids.reshape(1, -1), measured["layers"], BASE, 12, progress=False)
-    assert changes == pytest.approx([0.0] * 4, abs=1e-5)
-
-
-def test_texts_calibrated_together_pool_their_errors_and_loss_changes(model):
+def test_texts_calibrated_together_pool_their_errors(model):
     a, b = _ids(128, seed=8), _ids(128, seed=9)
-    apart = [measure(model, ids, queries=32, loss_weights=True, progress=False)["layers"] for ids in (a, b)]
-    pooled = measure(model, torch.cat([a, b]), queries=32, loss_weights=True, progress=False)["layers"]
+    apart = [measure(model, ids, queries=32, progress=False)["layers"] for ids in (a, b)]
+    pooled = measure(model, torch.cat([a, b]), queries=32, progress=False)["layers"]
+    spread = 0
     for row, row_a, row_b in zip(pooled, *apart, strict=True):
         for e, ea, eb in zip(row["errors"], row_a["errors"], row_b["errors"], strict=True):
             assert min(ea, eb) - 1e-6 <= e <= max(ea, eb) + 1e-6, "one error over both texts' outputs"
-        mean = (row_a["loss_change"] + row_b["loss_change"]) / 2
-        assert row["loss_change"] == pytest.approx(mean, abs=1e-5), "the loss over both texts' tokens"
-
-
-def test_loss_weights_move_keys_to_the_layer_the_loss_feels(model):
-    n = 160
-    measured = measure(model, _ids(n, seed=7), queries=64, progress=False)
-    rows = measured["layers"]
-    first, second = (r for r in rows if r["global"])
-    for heavy, light in ((first, second), (second, first)):
-        heavy["weight"], light["weight"] = 1000.0, 0.0
-        fitted = {r["layer"]: r["k"] for r in fit(measured, 25)["rows"]}
-        assert fitted[light["layer"]] == light["grid"][0]
-        assert fitted[heavy["layer"]] > heavy["grid"][0]
+            spread = max(spread, abs(ea - eb))
+    assert spread > 1e-3, "the texts differ, so pooling is tested"
 
 
 def test_the_table_names_every_layer(model):
@@ -245,7 +206,6 @@ def test_the_frontier_calibrates_on_documents_it_does_not_score(tmp_path):
         (["--tokens", "1"], "--tokens >= 2"),
         (["--document", "-1"], "--document >= 0"),
         (["--documents", "0"], "--documents >= 1"),
-        (["--queries", "1", "--loss-weights"], "--queries >= 2"),
         (["--layer-k", "{0: -3}"], r"layer_k\[0\]"),
         (["--layer-k", "[1, 2]"], "dict of layer index"),
     ],

@@ -14,8 +14,7 @@ model's layers (`config.keys_read`). Each method turns a budget of b keys into o
 - `faiss`: as `topk`, with the keys found by a faiss index;
 - `calibrated`: 4 sinks, an 8-key window, the rest's mean and a k per layer fitted to the budget
   by `knn_patch.calibrate` on a held-out calibration text of the same length; `calibrated+first`:
-  the same with layer 0's k at least n^0.67; `calibrated+loss`: each layer's error weighted by the
-  loss change of patching it alone (`calibration.loss_changes`);
+  the same with layer 0's k at least n^0.67;
 - a preset name (`fast`, `balanced`, `accurate`): that `KNNConfig.preset`, whatever the budget
   (run once; its row's budget is the share it reads).
 """
@@ -39,7 +38,7 @@ box = require("rich.box", "frontier")
 Console = require("rich.console", "frontier").Console
 Table = require("rich.table", "frontier").Table
 
-CALIBRATED = ("calibrated", "calibrated+first", "calibrated+loss")
+CALIBRATED = ("calibrated", "calibrated+first")
 METHODS = ("topk", "topk+first", "topk+mean", "topk+mean+first", "tail", "faiss", *CALIBRATED, *PRESETS)
 SINKS = 4
 FIRST_LAYER_K = "n^0.67"
@@ -137,8 +136,7 @@ def run_frontier(
         if method not in curves:
             base = BASE.replace(layer_k={0: FIRST_LAYER_K}) if method.endswith("+first") else BASE
             ids = torch.tensor([list(text)[:max_length] for text in calibration_texts])
-            loss_weights = method.endswith("+loss")
-            curves[method] = measure(model, ids, base=base, loss_weights=loss_weights, progress=progress)
+            curves[method] = measure(model, ids, base=base, progress=progress)
         return fit(curves[method], budget)["config"]
 
     settings = frontier_settings(
