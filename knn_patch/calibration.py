@@ -139,6 +139,10 @@ def measure(
     if base.backend != "topk":
         raise ValueError(f"calibrate measures the 'topk' backend; base has backend={base.backend!r}.")
     ids = torch.as_tensor(input_ids)
+    if ids.dim() not in (1, 2):
+        raise ValueError(
+            f"calibrate takes one text (n,) or a batch (B, n) of token ids; got shape {tuple(ids.shape)}."
+        )
     ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
     n = ids.shape[1]
     if n < 2:

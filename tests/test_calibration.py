@@ -100,6 +100,8 @@ def test_bad_calibration_input_is_refused(model):
         calibrate(model, _ids(64), budget=0, progress=False)
     with pytest.raises(ValueError, match="raise it"):
         calibrate(model, _ids(200), budget=1, progress=False)  # 2 keys: below 4 sinks + 8 window
+    with pytest.raises(ValueError, match=r"a batch \(B, n\)"):
+        calibrate(model, _ids(64).reshape(1, 1, 64), progress=False)
 
 
 def test_a_base_layer_k_is_a_floor(model):
