@@ -20,9 +20,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from .backends.topk import DEFAULTS as TOPK_DEFAULTS
+from .backends.topk import layer_samples
 from .bench.activations import capture_activations
 from .config import KNNConfig, is_global_layer, layer_keys_read
 from .io import atomic_write, write_json_atomic
+from .kernels.sampling import layer_generator
 from .kernels.topk import topk_attention
 
 # The estimator calibrated by default: 4 sinks, an 8-key window and the rest's exact softmax
@@ -50,10 +53,12 @@ def layer_errors(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    layer: int | None = None,
 ) -> list[float]:
     """The `topk` backend's relative output error against exact attention at each k of `grid`,
     for one layer's queries q (B, Hq, Lq, D), the last Lq of the keys k, v (B, Hkv, Lk, D) (sinks,
-    window and rest as in `config`; `window`: the layer's sliding window, if it has one)."""
+    window, rest and samples as in `config` for layer `layer`; `window`: the layer's sliding
+    window, if it has one)."""
     lq, lk = q.shape[2], k.shape[2]
     mask = None
     if window is not None:
@@ -63,7 +68,8 @@ def layer_errors(
     common = {"scale": scale, "softcap": softcap, "chunk_size": config.chunk_size}
     exact = topk_attention(q, k, v, mask, k=lk, **common)[0]
     norm = exact.norm()
-    rest_mean = config.backend_options.get("rest") == "mean"
+    options = {**TOPK_DEFAULTS, **config.backend_options}
+    samples = layer_samples(options, layer)
     errors = []
     for kk in grid:
         out = topk_attention(
@@ -74,7 +80,9 @@ def layer_errors(
             k=kk,
             sink_tokens=config.sink_tokens,
             local_window=config.local_window,
-            rest_mean=rest_mean,
+            rest_mean=options["rest"] == "mean",
+            tail_samples=samples,
+            generator=layer_generator(options["seed"], layer, q.device) if samples else None,
             **common,
         )[0]
         errors.append(float((out - exact).norm() / norm))
@@ -168,13 +176,13 @@ def measure(
         q = act["q"][:, :, -min(queries, n) :]
         kwargs = {"scale": act["scale"], "window": windows[layer], "softcap": act.get("softcap")}
         sparse = [kk for kk in grid if kk < free]  # k >= free keeps every key: exact, error 0
-        errors = layer_errors(q, act["k"], act["v"], sparse, base, **kwargs) if sparse else []
+        errors = layer_errors(q, act["k"], act["v"], sparse, base, **kwargs, layer=layer) if sparse else []
         rows.append(
             {
                 "layer": layer,
                 "global": windows[layer] is None,
                 "grid": grid,
-                "keys_read": [layer_keys_read(saved, kk, seen[layer]) for kk in grid],
+                "keys_read": [layer_keys_read(saved, kk, seen[layer], layer) for kk in grid],
                 "errors": errors + [0.0] * (len(grid) - len(sparse)),
             }
         )

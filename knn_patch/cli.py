@@ -229,7 +229,10 @@ def calibrate(args: argparse.Namespace) -> dict:
             f"{args.document}, {args.documents} and {args.queries}."
         )
     base = calibration.BASE.replace(
-        sink_tokens=args.sink_tokens, local_window=args.local_window, layer_k=args.layer_k
+        sink_tokens=args.sink_tokens,
+        local_window=args.local_window,
+        layer_k=args.layer_k,
+        backend_options={**calibration.BASE.backend_options, "samples": args.samples},
     )
     out = ensure_writable(args.out)  # fail before the long work, not after it
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
@@ -675,6 +678,13 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
         type=yaml.safe_load,
         default={},
         help="floors, the least k of some layers, as YAML: '{0: n^0.67}' keeps layer 0 at n^0.67 or more",
+    )
+    p.add_argument(
+        "--samples",
+        type=yaml.safe_load,
+        default=0,
+        help="uniform samples of the rest per query that correct its mean, counted in the budget, as YAML: "
+        "an int for every layer or '{0: 32}' for layer 0 only (it pays where attention is flat)",
     )
     p.add_argument("--out", default="outputs/calibrate", help="folder for calibration.json and settings.yaml")
     p.set_defaults(func=calibrate)

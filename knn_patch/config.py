@@ -7,6 +7,7 @@ run-time-only fields) and read back by `knn_patch.from_pretrained`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -193,7 +194,13 @@ class KNNConfig:
             raise ValueError(f"KNNConfig.chunk_size={self.chunk_size!r} is invalid: use an int >= 1.")
         if not isinstance(self.backend_options, Mapping):
             raise ValueError(f"KNNConfig.backend_options={self.backend_options!r} is invalid: use a dict.")
-        object.__setattr__(self, "backend_options", dict(self.backend_options))
+        try:  # kept in its saved (JSON) form, so a saved config loads equal: {0: m} becomes {"0": m}
+            object.__setattr__(self, "backend_options", json.loads(json.dumps(dict(self.backend_options))))
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"KNNConfig.backend_options={self.backend_options!r} is invalid: it is saved in config.json, "
+                f"so use JSON values (numbers, strings, lists, dicts, None): {error}"
+            ) from None
         validate_backend(
             self.backend, self.backend_options, sinks_or_window=bool(self.sink_tokens or self.local_window)
         )
@@ -255,10 +262,11 @@ def keys_read(config: KNNConfig | None, n: int, model_config: Any = None) -> flo
     """Keys a query at position `n` reads: everything it attends to.
 
     A kNN layer reads its sinks, local window and k nearest (its `layer_k`), plus `tail`'s m
-    samples, plus 1 for `topk`'s mean of the rest (one value-sized aggregate), never more than it
-    sees. Without `model_config`, one kNN layer's count (k = 32, 4 sinks and a 64-key window read
-    100 keys, 1.2% at 8k). With it, the mean over the model's layers, where a layer left dense reads
-    all it sees: n, or its sliding window. The share of n is the budget settings are compared at.
+    samples, plus 1 for `topk`'s mean of the rest (one value-sized aggregate) and the samples that
+    correct it, never more than it sees. Without `model_config`, one kNN layer's count (k = 32, 4
+    sinks and a 64-key window read 100 keys, 1.2% at 8k). With it, the mean over the model's layers,
+    where a layer left dense reads all it sees: n, or its sliding window. The share of n is the
+    budget settings are compared at.
     """
     if model_config is None:
         return n if config is None else layer_keys_read(config.to_dict(), config.resolve_k(n), n)
@@ -273,19 +281,21 @@ def keys_read(config: KNNConfig | None, n: int, model_config: Any = None) -> flo
         if config is None or not config.uses_layer(layer, model_config):
             counts.append(seen)
         else:
-            counts.append(layer_keys_read(saved, config.resolve_k(n, layer), seen))
+            counts.append(layer_keys_read(saved, config.resolve_k(n, layer), seen, layer))
     return sum(counts) / len(counts)
 
 
-def layer_keys_read(config: Mapping[str, Any], k: int, n: int) -> int:
-    """One kNN layer's `keys_read` from a config's saved form, its k resolved, and the n keys it sees."""
+def layer_keys_read(config: Mapping[str, Any], k: int, n: int, layer: int | None = None) -> int:
+    """One kNN layer's `keys_read` from a config's saved form, its k resolved, and the n keys it
+    sees; `layer` picks per-layer options (`topk`'s `samples`)."""
     from .backends.tail import DEFAULTS as TAIL_DEFAULTS  # late: importing a backend registers it
     from .backends.topk import DEFAULTS as TOPK_DEFAULTS
+    from .backends.topk import layer_samples
 
     options = config.get("backend_options") or {}
     extra = 0
     if config["backend"] == "tail":
         extra = options.get("m", TAIL_DEFAULTS["m"])
     elif config["backend"] == "topk" and options.get("rest", TOPK_DEFAULTS["rest"]) == "mean":
-        extra = 1
+        extra = 1 + layer_samples(options, layer)
     return min(n, config.get("sink_tokens", 0) + config.get("local_window", 0) + k + extra)

@@ -34,6 +34,12 @@ from knn_patch.config import is_global_layer
         ({"chunk_size": 0}, "chunk_size"),
         ({"backend_options": {"m": 3}}, "backend_options"),
         ({"backend_options": {"rest": "sum"}}, "rest"),
+        ({"backend_options": {"rest": "mean", "samples": -1}}, "samples"),
+        ({"backend_options": {"rest": "mean", "samples": {"first": 8}}}, "samples"),
+        ({"backend_options": {"rest": "mean", "samples": {0: 1.5}}}, "samples"),
+        ({"backend_options": {"samples": 8}}, "rest"),
+        ({"backend_options": {"rest": "mean", "samples": 8, "seed": "x"}}, "seed"),
+        ({"backend_options": {"rest": "mean", "samples": {0, 1}}}, "JSON"),
         ({"layer_k": {-1: 4}}, "layer_k"),
         ({"layer_k": {0: 0}}, "layer_k"),
         ({"layer_k": [4]}, "layer_k"),
@@ -135,6 +141,12 @@ def test_layer_k_overrides_k_in_its_layers_and_survives_json():
     assert config.resolve_k(1024) == 16
     saved = json.loads(json.dumps(config.to_dict()))  # config.json turns the layer keys into strings
     assert KNNConfig.from_dict(saved) == config
+
+
+def test_backend_options_are_kept_in_their_saved_form():
+    config = KNNConfig(backend_options={"rest": "mean", "samples": {0: 32}})
+    assert config.backend_options == {"rest": "mean", "samples": {"0": 32}}
+    assert KNNConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_presets_are_configs_and_patch_without_settings_takes_balanced():

@@ -247,6 +247,7 @@ def test_keys_read_counts_sinks_window_k_and_samples():
     assert keys_read(KNNConfig(k=16, backend="tail", backend_options={"m": 8}), 1024) == 24
     assert keys_read(KNNConfig(k=16, backend="tail"), 1024) == 16 + 32  # the default m
     assert keys_read(config.replace(backend_options={"rest": "mean"}), 8192) == 101, "the rest's mean is one"
+    assert keys_read(config.replace(backend_options={"rest": "mean", "samples": 8}), 8192) == 109
 
 
 def test_keys_read_with_a_model_config_averages_its_layers():
@@ -261,6 +262,8 @@ def test_keys_read_with_a_model_config_averages_its_layers():
     assert keys_read(config.replace(k=500), 1000, cfg) == (42 + 100 + 100 + 502) / 4, (
         "a layer reads what it sees"
     )
+    sampled = config.replace(backend_options={"rest": "mean", "samples": {3: 16}})
+    assert keys_read(sampled, 1000, cfg) == (43 + 3 * 11 + 16) / 4, "samples count in their layer only"
 
 
 def test_the_report_counts_every_key_a_query_reads(docs, tmp_path):

@@ -160,10 +160,52 @@ def test_rest_mean_with_softcap_matches_reference():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
-def test_rest_mean_refuses_tail_samples():
+@pytest.mark.parametrize("precision", PRECISION)
+@pytest.mark.parametrize("chunk", [8, 40], ids=["chunked", "one_chunk"])
+@pytest.mark.parametrize(
+    ("masking", "sinks", "window"), [("causal", 0, 0), ("padded", 2, 3), ("window", 1, 2)]
+)
+def test_rest_samples_are_exact_where_they_cover_the_rest(masking, sinks, window, chunk, precision):
+    """m samples of a rest of at most m keys take all of it: the correction makes the row exact.
+    In one chunk, the first rows sample while their top-k has unfilled slots (in fp32 on CPU the
+    compiled selection fills them with repeated positions)."""
+    dtype, atol = PRECISION[precision]
+    q, k, v = inputs(lq=40, lk=40, dtype=dtype)
+    masks = {"padded": padding_mask(2, 40, 40, [0, 7]), "window": padding_mask(2, 40, 40, [3, 0], 25)}
+    mask = masks.get(masking)
+    opts = dict(k=3, scale=0.4, sink_tokens=sinks, local_window=window, chunk_size=chunk, rest_mean=True)
+    m = 20
+    out, _ = topk_attention(q, k, v, mask, **opts, tail_samples=m, generator=torch.Generator().manual_seed(0))
+    mean_only, _ = topk_attention(q, k, v, mask, **opts)
+    exact = reference(q, k, v, mask, kk=40, scale=0.4)
+    seen = (torch.arange(40) <= torch.arange(40).unsqueeze(-1)) if mask is None else mask[:, 0]
+    covered = (seen.sum(-1) <= m).expand(2, 40).unsqueeze(1).expand(2, 4, 40)  # (B, Hq, Lq)
+    assert covered.any() and (~covered).any()
+    torch.testing.assert_close(out[covered], exact[covered], rtol=0, atol=atol)
+    assert (out[~covered] - mean_only[~covered]).abs().max() > 1e-3, "the other rows are sampled"
+
+
+def test_rest_samples_correct_the_mean_without_bias():
+    """Averaged over draws, mean + sampled correction converges on exact attention; the mean alone
+    stays biased. One draw is random but reproducible from its generator's seed."""
+    q, k, v = inputs(lq=40, lk=40)
+    exact = reference(q, k, v, kk=40, scale=0.4)
+    opts = dict(k=3, scale=0.4, chunk_size=8, rest_mean=True)
+    mean_only, _ = topk_attention(q, k, v, **opts)
+
+    def draw(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return topk_attention(q, k, v, **opts, tail_samples=4, generator=gen)[0]
+
+    draws = torch.stack([draw(seed) for seed in range(200)])
+    assert (draws.mean(0) - exact).norm() < 0.3 * (mean_only - exact).norm()
+    assert torch.equal(draw(7), draws[7]) and not torch.equal(draws[7], draws[8])
+
+
+def test_tail_samples_take_sinks_and_window_only_with_rest_mean():
     q, k, v = inputs()
     with pytest.raises(ValueError, match="rest_mean"):
-        topk_attention(q, k, v, k=4, tail_samples=4, rest_mean=True)
+        topk_attention(q, k, v, k=4, tail_samples=4, sink_tokens=2)
 
 
 def test_softcap_matches_reference():

@@ -264,3 +264,25 @@ def test_capturing_activations_leaves_no_backend_and_keeps_no_tensor():
     del captured
     gc.collect()
     assert alive() is None, "something still holds the captured tensors"
+
+
+def test_rest_samples_change_only_their_layers_and_reproduce_in_eval(tmp_path):
+    model = tiny_model("qwen2").eval()
+    mean = KNNConfig(k=2, sink_tokens=1, local_window=2, backend_options={"rest": "mean"})
+    sampled = mean.replace(backend_options={"rest": "mean", "samples": {1: 4}})
+    dense = logits(model)
+    with knn_patch.patched(model, mean):
+        by_mean = logits(model)
+    with knn_patch.patched(model, mean.replace(layers=[0])):
+        layer_0 = logits(model)
+    with knn_patch.patched(model, sampled):
+        first, second = logits(model), logits(model)
+        model.save_pretrained(tmp_path)
+    assert torch.equal(first, second), "eval draws are seeded per layer"
+    assert not torch.allclose(first, by_mean, atol=1e-4), "layer 1's rest is sampled"
+    with knn_patch.patched(model, sampled.replace(layers=[0])):
+        assert torch.equal(logits(model), layer_0), "layer 0 takes no samples"
+    reloaded = knn_patch.from_pretrained(str(tmp_path))
+    assert knn_patch.get_config(reloaded) == sampled and torch.equal(logits(reloaded), first)
+    with knn_patch.patched(model, sampled.replace(k=20)):
+        torch.testing.assert_close(logits(model), dense, rtol=0, atol=1e-5)

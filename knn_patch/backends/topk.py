@@ -1,8 +1,13 @@
 """`topk` backend: exact kNN attention, each query attends to its k keys of largest score.
 
-Option (`KNNConfig.backend_options`): `rest`, what becomes of the softmax mass of the keys a query
-does not keep: "drop" (the default: plain top-k attention) renormalises the kept keys' weights
-without it, "mean" gives it to the mean of their values. See `topk_attention`'s `rest_mean`.
+Options (`KNNConfig.backend_options`):
+- `rest`, what becomes of the softmax mass of the keys a query does not keep: "drop" (the
+  default: plain top-k attention) renormalises the kept keys' weights without it, "mean" gives it
+  to the mean of their values. See `topk_attention`'s `rest_mean`.
+- `samples` (with `rest="mean"`): m uniform samples of those keys per query, which correct the
+  mean by an unbiased estimate of what it misses; an int for every layer or a {layer: m} dict
+  (layers not named take none). It pays where a layer's attention is flat (SmolLM2's layer 0).
+- `seed` (default 0): the samples' generator, as for `tail` (`kernels.sampling.layer_generator`).
 """
 
 from __future__ import annotations
@@ -13,11 +18,24 @@ from typing import Any
 import torch
 
 from ..config import KNNConfig
+from ..kernels.sampling import layer_generator, validate_seed
 from ..kernels.topk import topk_attention
 from ..registry import check_option_keys, register_backend
 
-DEFAULTS = {"rest": "drop"}
+DEFAULTS = {"rest": "drop", "samples": 0, "seed": 0}
 RESTS = ("drop", "mean")
+
+
+def _count(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 0
+
+
+def layer_samples(options: Mapping[str, Any], layer_idx: int | None) -> int:
+    """The `samples` of layer `layer_idx` under these (validated) options: 0 where none are asked for."""
+    samples = options.get("samples", DEFAULTS["samples"])
+    if isinstance(samples, Mapping):
+        return int(samples.get(str(layer_idx), 0)) if layer_idx is not None else 0
+    return samples
 
 
 def validate_options(options: Mapping[str, Any]) -> None:
@@ -28,6 +46,19 @@ def validate_options(options: Mapping[str, Any]) -> None:
         raise ValueError(
             f"KNNConfig.backend_options['rest']={rest!r} is invalid for 'topk': use one of {RESTS}."
         )
+    samples = options.get("samples", DEFAULTS["samples"])
+    per_layer = samples.items() if isinstance(samples, Mapping) else [("0", samples)]
+    if not all(str(layer).isdigit() and _count(m) for layer, m in per_layer):
+        raise ValueError(
+            f"KNNConfig.backend_options['samples']={samples!r} is invalid for 'topk': use an int >= 0, "
+            "or a dict of layer index -> int >= 0."
+        )
+    if any(m for _, m in per_layer) and rest != "mean":
+        raise ValueError(
+            "KNNConfig.backend_options['samples'] correct the rest's mean: also set "
+            "backend_options['rest']='mean'."
+        )
+    validate_seed(options.get("seed", DEFAULTS["seed"]))
 
 
 def topk_attention_forward(
@@ -49,12 +80,15 @@ def topk_attention_forward(
     applied to the scores before selection. Weights are returned (dense, O(Lq * Lk)) only when
     `output_attentions` is requested.
     """
+    options = {**DEFAULTS, **knn_config.backend_options}
+    layer_idx = getattr(module, "layer_idx", None)
+    samples = layer_samples(options, layer_idx)
     out, weights = topk_attention(
         query,
         key,
         value,
         attention_mask,
-        k=knn_config.resolve_k(key.shape[2], getattr(module, "layer_idx", None)),
+        k=knn_config.resolve_k(key.shape[2], layer_idx),
         scale=scaling,
         is_causal=kwargs.get("is_causal", getattr(module, "is_causal", True)),
         sink_tokens=knn_config.sink_tokens,
@@ -63,7 +97,11 @@ def topk_attention_forward(
         dropout=dropout,
         chunk_size=knn_config.chunk_size,
         return_weights=bool(kwargs.get("output_attentions", False)),
-        rest_mean={**DEFAULTS, **knn_config.backend_options}["rest"] == "mean",
+        rest_mean=options["rest"] == "mean",
+        tail_samples=samples,
+        generator=layer_generator(options["seed"], layer_idx, query.device, training=module.training)
+        if samples
+        else None,
     )
     return out.transpose(1, 2).contiguous(), weights  # (B, Hq, Lq, D) -> (B, Lq, Hq, D)
 

@@ -375,7 +375,7 @@ def _weigh_chunk(
         visible, sel, pos = _select_scores(call, s, q0, lo, take, row_end)
         vals, keep = _keep_forced(call, s, sel, pos) if call.n_forced else (sel, sel > -math.inf)
     logits = vals
-    if call.tail_samples and take < n:
+    if call.tail_samples and take < n and not call.rest_mean:  # with the mean, samples correct it
         vals, pos, logits = _with_tail_samples(call, s, vals, pos, logw, take, visible, row_end)
         keep = torch.isfinite(logits)
     p = masked_softmax(logits, keep)
@@ -555,7 +555,43 @@ def _rest_term(
     kept_sum = _apply_weights(keep.to(s.dtype), pos, v32, lo, n)
     count = (seen - keep.sum(-1, keepdim=True)).clamp_min(1)
     mean = (seen_sum - kept_sum) / count
-    return p * (1 - share), share * mean
+    rest = share * mean
+    if call.tail_samples:
+        rest = rest + _sampled_correction(call, s, keep, pos, v32, lo, top, z_all, share / count, mean)
+    return p * (1 - share), rest
+
+
+def _sampled_correction(
+    call: _Call,
+    s: torch.Tensor,
+    keep: torch.Tensor,
+    pos: torch.Tensor,
+    v32: torch.Tensor,
+    lo: int,
+    top: torch.Tensor,
+    z_all: torch.Tensor,
+    p_mean: torch.Tensor,
+    mean: torch.Tensor,
+) -> torch.Tensor:
+    """What the rest's mean misses, estimated from m uniform samples of the rest (a control variate):
+
+        sum_{j rest} p_j v_j - share * mean = sum_{j rest} (p_j - p_mean) (v_j - mean)
+                                           ~ (n_rest / m) * sum_{j sampled} (p_j - p_mean) (v_j - mean),
+
+    unbiased, exact once the samples cover the rest, and small where the rest's weights are alike,
+    which is where the mean alone is weakest (flat rows, such as SmolLM2's layer 0). Returns the
+    (B, Hkv, G, C, Dv) term to add to share * mean."""
+    n, t = s.shape[-1], pos.shape[-1]
+    rows = pos.reshape(-1, t)
+    # summed, not written: an unfilled slot may repeat a kept key's position
+    kept = torch.zeros(rows.shape[0], n, dtype=torch.int32, device=s.device)
+    kept.scatter_add_(1, rows, keep.reshape(-1, t).to(torch.int32))
+    rest = torch.isfinite(s).reshape(-1, n) & (kept == 0)
+    spos, logw = tail_sample(rows, call.tail_samples, call.generator, rest=rest)
+    spos = spos.view(*pos.shape[:-1], -1)
+    p_s = torch.exp(s.gather(-1, spos) - top) / z_all.clamp_min(torch.finfo(s.dtype).tiny)
+    w = torch.exp(logw.to(s.dtype)).view_as(p_s) * (p_s - p_mean)  # 0 in unused slots
+    return _apply_weights(w, spos, v32, lo, n) - w.sum(-1, keepdim=True) * mean
 
 
 # ---- Weighted sums of value rows ----
@@ -621,7 +657,8 @@ def topk_attention(
     (a fully padded row) gets zero output and zero weights, never NaN.
 
     `tail_samples` m > 0 adds the `tail` estimator's m reweighted uniform samples of the other
-    visible keys (see `tail.tail_attention`, its entry point); not with sinks or a window.
+    visible keys (see `tail.tail_attention`, its entry point); not with sinks or a window unless
+    with `rest_mean`, where the samples instead correct the rest's mean (below).
 
     `rest_mean` keeps the softmax mass of the visible keys a query does not keep instead of
     renormalising it away: they count as one more entry whose weight is their exact share of the
@@ -631,8 +668,11 @@ def topk_attention(
 
     exact where the rest's values are alike. The share needs every visible score (the scores are
     computed anyway to select the k nearest) and the mean a running sum of the values, so the
-    compiled selection that never holds a score block is not used. The backward treats the rest's
-    share and mean as constants: gradients flow through the kept keys only.
+    compiled selection that never holds a score block is not used. With `tail_samples` m > 0, m
+    uniform samples of the rest add an unbiased estimate of what the mean misses,
+    (n_rest / m) * sum_{j sampled} (p_ij - share / n_rest) (v_j - mean), exact once m covers the
+    rest (`_sampled_correction`). The backward treats the rest's term as a constant: gradients flow
+    through the kept keys only.
 
     Returns the output (B, Hq, Lq, Dv) in the query's dtype and, with `return_weights`, the dense
     weights (B, Hq, Lq, Lk) (O(Lq * Lk) memory: for inspection only).
@@ -643,10 +683,8 @@ def topk_attention(
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}).")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
-    if tail_samples and (sink_tokens or local_window):
-        raise ValueError("tail samples do not combine with sink_tokens or local_window.")
-    if tail_samples and rest_mean:
-        raise ValueError("tail samples and rest_mean are two estimates of the same rest: use one.")
+    if tail_samples and (sink_tokens or local_window) and not rest_mean:
+        raise ValueError("tail samples combine with sink_tokens or local_window only with rest_mean.")
     g = hq // hkv
     mask = group_mask(attention_mask, hq, hkv, lq, key.shape[2])  # (B|1, 1|Hkv, 1|G, Lq, Lk) or None
     scale = d**-0.5 if scale is None else scale
