@@ -161,6 +161,19 @@ def test_the_frontier_calibrates_on_its_held_out_text(model):
         ["calibrated+first"], [2], 128, model.config, lambda m, b: asked.append((m, b)) or KNNConfig(k=1)
     )
     assert asked == [("calibrated+first", 2)]
+    sampled = run_frontier(
+        model,
+        docs[:1],
+        max_length=128,
+        budgets=[40],
+        methods=["calibrated+first+samples"],
+        progress=False,
+        calibration_texts=[_ids(140, 4)[0].tolist()],
+    )
+    (row,) = sampled["rows"]
+    config = KNNConfig.from_dict(sampled["settings"][1]["config"])
+    assert config.backend_options["samples"] == {"0": 32} and config.resolve_k(128, 0) >= math.ceil(128**0.67)
+    assert row["keys_percent"] <= 40 and math.isfinite(row["ratio_to_dense"])
 
 
 @pytest.mark.slow
@@ -169,11 +182,12 @@ def test_knn_patch_calibrate_writes_a_settings_file_that_eval_reads(tmp_path, ca
 
     out = tmp_path / "cal"
     main(["calibrate", "--tokens", "256", "--budget", "20", "--queries", "64", "--layer-k", "{0: 100}",
-          "--documents", "2", "--out", str(out)])  # fmt: skip
+          "--samples", "{0: 8}", "--documents", "2", "--out", str(out)])  # fmt: skip
     saved = json.loads((out / "calibration.json").read_text())
     assert saved["n"] == 256 and saved["keys_read"] <= 0.2 * 256 and len(saved["rows"]) == 30
     assert len(set(saved["documents"])) == 2
     assert saved["rows"][0]["k"] >= 100, "--layer-k is a floor"
+    assert saved["config"]["backend_options"] == {"rest": "mean", "samples": {"0": 8}}
     (entry,) = yaml.safe_load((out / "settings.yaml").read_text())
     assert KNNConfig.from_dict(entry) == KNNConfig.from_dict(saved["config"])
     assert "k per layer" in capsys.readouterr().out
@@ -210,6 +224,7 @@ def test_the_frontier_calibrates_on_documents_it_does_not_score(tmp_path):
         (["--documents", "0"], "--documents >= 1"),
         (["--layer-k", "{0: -3}"], r"layer_k\[0\]"),
         (["--layer-k", "[1, 2]"], "dict of layer index"),
+        (["--samples", "-2"], "samples"),
     ],
 )
 def test_bad_calibrate_flags_fail_before_the_model_loads(tmp_path, monkeypatch, args, match):

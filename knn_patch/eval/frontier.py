@@ -14,7 +14,8 @@ model's layers (`config.keys_read`). Each method turns a budget of b keys into o
 - `faiss`: as `topk`, with the keys found by a faiss index;
 - `calibrated`: 4 sinks, an 8-key window, the rest's mean and a k per layer fitted to the budget
   by `knn_patch.calibrate` on a held-out calibration text of the same length; `calibrated+first`:
-  the same with layer 0's k at least n^0.67;
+  the same with layer 0's k at least n^0.67; `calibrated+first+samples`: that, and 32 uniform
+  samples of layer 0's rest correct its mean (`topk`'s `samples`);
 - a preset name (`fast`, `balanced`, `accurate`): that `KNNConfig.preset`, whatever the budget
   (run once; its row's budget is the share it reads).
 """
@@ -38,10 +39,11 @@ box = require("rich.box", "frontier")
 Console = require("rich.console", "frontier").Console
 Table = require("rich.table", "frontier").Table
 
-CALIBRATED = ("calibrated", "calibrated+first")
+CALIBRATED = ("calibrated", "calibrated+first", "calibrated+first+samples")
 METHODS = ("topk", "topk+first", "topk+mean", "topk+mean+first", "tail", "faiss", *CALIBRATED, *PRESETS)
 SINKS = 4
 FIRST_LAYER_K = "n^0.67"
+FIRST_LAYER_SAMPLES = 32
 
 
 def method_config(method: str, budget: int, n: int, model_config: Any) -> KNNConfig | None:
@@ -134,7 +136,10 @@ def run_frontier(
 
     def calibrated(method: str, budget: float) -> KNNConfig:
         if method not in curves:
-            base = BASE.replace(layer_k={0: FIRST_LAYER_K}) if method.endswith("+first") else BASE
+            base = BASE if method == "calibrated" else BASE.replace(layer_k={0: FIRST_LAYER_K})
+            if method.endswith("+samples"):
+                options = {**BASE.backend_options, "samples": {0: FIRST_LAYER_SAMPLES}}
+                base = base.replace(backend_options=options)
             ids = torch.tensor([list(text)[:max_length] for text in calibration_texts])
             curves[method] = measure(model, ids, base=base, progress=progress)
         return fit(curves[method], budget)["config"]
