@@ -151,7 +151,7 @@ def test_backend_options_are_kept_in_their_saved_form():
 
 def test_presets_are_configs_and_patch_without_settings_takes_balanced():
     assert KNNConfig.preset("fast", k=8).k == 8
-    assert KNNConfig.preset("balanced").backend_options == {"rest": "mean"}
+    assert KNNConfig.preset("balanced").backend_options == {"rest": "mean", "samples": {"0": 32}}
     with pytest.raises(ValueError, match="choose from"):
         KNNConfig.preset("quick")
     model = knn_patch.patch(tiny_model("llama"))
