@@ -228,11 +228,12 @@ def calibrate(args: argparse.Namespace) -> dict:
             f"--tokens >= 2, --document >= 0, --documents >= 1 and --queries >= 1; got {args.tokens}, "
             f"{args.document}, {args.documents} and {args.queries}."
         )
+    samples = {"samples": args.samples} if args.samples else {}  # none: the same settings file as before
     base = calibration.BASE.replace(
         sink_tokens=args.sink_tokens,
         local_window=args.local_window,
         layer_k=args.layer_k,
-        backend_options={**calibration.BASE.backend_options, "samples": args.samples},
+        backend_options={**calibration.BASE.backend_options, **samples},
     )
     out = ensure_writable(args.out)  # fail before the long work, not after it
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
