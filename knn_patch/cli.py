@@ -228,7 +228,7 @@ def calibrate(args: argparse.Namespace) -> dict:
             f"--tokens >= 2, --document >= 0, --documents >= 1 and --queries >= 1; got {args.tokens}, "
             f"{args.document}, {args.documents} and {args.queries}."
         )
-    samples = {"samples": args.samples} if args.samples else {}  # none: the same settings file as before
+    samples = {"samples": args.samples} if args.samples else {}  # none: the base's options unchanged
     base = calibration.BASE.replace(
         sink_tokens=args.sink_tokens,
         local_window=args.local_window,
