@@ -13,12 +13,25 @@ from knn_patch.kernels.topk import topk_attention
 
 
 def reference(
-    q, k, v, mask=None, *, kk, scale, causal=True, sinks=0, window=0, softcap=None, rest_mean=False
+    q,
+    k,
+    v,
+    mask=None,
+    *,
+    kk,
+    scale,
+    causal=True,
+    sinks=0,
+    window=0,
+    softcap=None,
+    rest_mean=False,
+    exact_rest=False,
 ):
     """Loop over every (batch, head, query): keep the forced keys, then the kk best other visible keys.
 
     With `rest_mean`, the visible keys not kept are one more softmax entry: score log(sum of their
-    exp-scores), value the mean of their values, both constants for autograd."""
+    exp-scores), value the mean of their values (`exact_rest`: their softmax-weighted mean), both
+    constants for autograd."""
     b, hq, lq, _ = q.shape
     lk, g = k.shape[2], hq // k.shape[1]
     out = torch.zeros(b, hq, lq, v.shape[-1], dtype=q.dtype)
@@ -43,7 +56,9 @@ def reference(
                 if rest_mean and rest[kk:]:
                     others = rest[kk:]
                     scores = torch.cat([scores, torch.logsumexp(s[others], 0).detach().view(1)])
-                    values = torch.cat([values, v[bi, h // g, others].mean(0).detach().unsqueeze(0)])
+                    vals = v[bi, h // g, others]
+                    rest = torch.softmax(s[others], 0) @ vals if exact_rest else vals.mean(0)
+                    values = torch.cat([values, rest.detach().unsqueeze(0)])
                 out[bi, h, i] = torch.softmax(scores, -1) @ values
     return out
 
@@ -183,6 +198,32 @@ def test_rest_samples_are_exact_where_they_cover_the_rest(masking, sinks, window
     assert covered.any() and (~covered).any()
     torch.testing.assert_close(out[covered], exact[covered], rtol=0, atol=atol)
     assert (out[~covered] - mean_only[~covered]).abs().max() > 1e-3, "the other rows are sampled"
+
+
+@pytest.mark.parametrize(
+    ("masking", "sinks", "window"), [("causal", 0, 0), ("padded", 2, 3), ("window", 1, 2)]
+)
+def test_rest_samples_backward_holds_the_corrected_rest_constant(masking, sinks, window):
+    """Where the samples cover the rest, the rest's term is exact, and the backward matches a
+    reference whose rest entry is the exact weighted mean, held constant. One chunk, so every row
+    takes the sampled path (a chunk whose top-k and samples cover its keys is plain exact attention)."""
+    q, k, v = inputs(lq=40, lk=40)
+    masks = {"padded": padding_mask(2, 40, 40, [0, 7]), "window": padding_mask(2, 40, 40, [3, 0], 25)}
+    mask = masks.get(masking)
+    opts = dict(k=3, scale=0.4, sink_tokens=sinks, local_window=window, chunk_size=40, rest_mean=True)
+    out, _ = topk_attention(
+        q, k, v, mask, **opts, tail_samples=20, generator=torch.Generator().manual_seed(0)
+    )
+    seen = (torch.arange(40) <= torch.arange(40).unsqueeze(-1)) if mask is None else mask[:, 0]
+    covered = (seen.sum(-1) <= 20).expand(2, 40).unsqueeze(1).expand(2, 4, 40)
+    ref = reference(
+        q, k, v, mask, kk=3, scale=0.4, sinks=sinks, window=window, rest_mean=True, exact_rest=True
+    )
+    weight = torch.randn_like(ref) * covered.unsqueeze(-1)
+    got = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def test_rest_samples_correct_the_mean_without_bias():
