@@ -57,8 +57,8 @@ def reference(
                     others = rest[kk:]
                     scores = torch.cat([scores, torch.logsumexp(s[others], 0).detach().view(1)])
                     vals = v[bi, h // g, others]
-                    rest = torch.softmax(s[others], 0) @ vals if exact_rest else vals.mean(0)
-                    values = torch.cat([values, rest.detach().unsqueeze(0)])
+                    carried = torch.softmax(s[others], 0) @ vals if exact_rest else vals.mean(0)
+                    values = torch.cat([values, carried.detach().unsqueeze(0)])
                 out[bi, h, i] = torch.softmax(scores, -1) @ values
     return out
 
