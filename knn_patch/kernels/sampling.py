@@ -149,11 +149,16 @@ def exact_attention(
     return torch.cat(outs, dim=3)
 
 
-def rest_mask(s: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """The visible keys outside the top-k of score rows s (R, L), top indices (R, kk) -> (R, L) boolean."""
+def rest_mask(s: torch.Tensor, top: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The visible keys outside the top-k of score rows s (R, L), top indices (R, kk) -> (R, L) boolean.
+
+    `keep` (R, kk) marks the slots that hold a kept key (default: every slot); a key whose slots are
+    all unkept stays in the rest. A key is kept if any of its slots is, since an unfilled slot of
+    the compiled selection may repeat a kept key's position."""
     rest = torch.isfinite(s)
-    rest.scatter_(1, top, False)  # unfilled top-k slots point at masked keys, already False
-    return rest
+    if keep is None:
+        return rest.scatter_(1, top, False)  # unfilled top-k slots point at masked keys, already False
+    return rest.scatter_reduce_(1, top, ~keep, reduce="amin")  # a kept slot writes False, others keep
 
 
 def _topk_set(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -583,10 +583,7 @@ def _sampled_correction(
     (B, Hkv, G, C, Dv) term to add to share * mean."""
     n, t = s.shape[-1], pos.shape[-1]
     rows = pos.reshape(-1, t)
-    # summed, not written: an unfilled slot may repeat a kept key's position
-    kept = torch.zeros(rows.shape[0], n, dtype=torch.int32, device=s.device)
-    kept.scatter_add_(1, rows, keep.reshape(-1, t).to(torch.int32))
-    rest = torch.isfinite(s).reshape(-1, n) & (kept == 0)
+    rest = rest_mask(s.reshape(-1, n), rows, keep.reshape(-1, t))
     spos, logw = tail_sample(rows, call.tail_samples, call.generator, rest=rest)
     spos = spos.view(*pos.shape[:-1], -1)
     p_s = torch.exp(s.gather(-1, spos) - top) / z_all.clamp_min(torch.finfo(s.dtype).tiny)
