@@ -20,12 +20,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .backends.topk import DEFAULTS as TOPK_DEFAULTS
-from .backends.topk import layer_samples
+from .backends.topk import kernel_options
 from .bench.activations import capture_activations
 from .config import KNNConfig, is_global_layer, layer_keys_read
 from .io import atomic_write, write_json_atomic
-from .kernels.sampling import layer_generator
 from .kernels.topk import topk_attention
 
 # The estimator calibrated by default: 4 sinks, an 8-key window and the rest's exact softmax
@@ -68,23 +66,9 @@ def layer_errors(
     common = {"scale": scale, "softcap": softcap, "chunk_size": config.chunk_size}
     exact = topk_attention(q, k, v, mask, k=lk, **common)[0]
     norm = exact.norm()
-    options = {**TOPK_DEFAULTS, **config.backend_options}
-    samples = layer_samples(options, layer)
     errors = []
     for kk in grid:
-        out = topk_attention(
-            q,
-            k,
-            v,
-            mask,
-            k=kk,
-            sink_tokens=config.sink_tokens,
-            local_window=config.local_window,
-            rest_mean=options["rest"] == "mean",
-            tail_samples=samples,
-            generator=layer_generator(options["seed"], layer, q.device) if samples else None,
-            **common,
-        )[0]
+        out = topk_attention(q, k, v, mask, k=kk, **kernel_options(config, layer, q.device), **common)[0]
         errors.append(float((out - exact).norm() / norm))
     return errors
 

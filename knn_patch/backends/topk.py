@@ -26,16 +26,30 @@ DEFAULTS = {"rest": "drop", "samples": 0, "seed": 0}
 RESTS = ("drop", "mean")
 
 
-def _count(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= 0
-
-
 def layer_samples(options: Mapping[str, Any], layer_idx: int | None) -> int:
     """The `samples` of layer `layer_idx` under these (validated) options: 0 where none are asked for."""
     samples = options.get("samples", DEFAULTS["samples"])
     if isinstance(samples, Mapping):
         return int(samples.get(str(layer_idx), 0)) if layer_idx is not None else 0
     return samples
+
+
+def kernel_options(
+    config: KNNConfig, layer_idx: int | None, device: torch.device, *, training: bool = False
+) -> dict[str, Any]:
+    """`topk_attention`'s estimator arguments for layer `layer_idx` under `config`: sinks, window, the
+    rest's mean and its samples with their generator. The backend and `calibrate` both call it, so
+    what is calibrated is what runs."""
+    options = {**DEFAULTS, **config.backend_options}
+    samples = layer_samples(options, layer_idx)
+    generator = layer_generator(options["seed"], layer_idx, device, training=training) if samples else None
+    return {
+        "sink_tokens": config.sink_tokens,
+        "local_window": config.local_window,
+        "rest_mean": options["rest"] == "mean",
+        "tail_samples": samples,
+        "generator": generator,
+    }
 
 
 def validate_options(options: Mapping[str, Any]) -> None:
@@ -47,13 +61,14 @@ def validate_options(options: Mapping[str, Any]) -> None:
             f"KNNConfig.backend_options['rest']={rest!r} is invalid for 'topk': use one of {RESTS}."
         )
     samples = options.get("samples", DEFAULTS["samples"])
-    per_layer = samples.items() if isinstance(samples, Mapping) else [("0", samples)]
-    if not all(str(layer).isdigit() and _count(m) for layer, m in per_layer):
+    counts = list(samples.values()) if isinstance(samples, Mapping) else [samples]
+    layers_ok = not isinstance(samples, Mapping) or all(str(layer).isdigit() for layer in samples)
+    if not layers_ok or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in counts):
         raise ValueError(
             f"KNNConfig.backend_options['samples']={samples!r} is invalid for 'topk': use an int >= 0, "
             "or a dict of layer index -> int >= 0."
         )
-    if any(m for _, m in per_layer) and rest != "mean":
+    if any(counts) and rest != "mean":
         raise ValueError(
             "KNNConfig.backend_options['samples'] correct the rest's mean: also set "
             "backend_options['rest']='mean'."
@@ -80,9 +95,7 @@ def topk_attention_forward(
     applied to the scores before selection. Weights are returned (dense, O(Lq * Lk)) only when
     `output_attentions` is requested.
     """
-    options = {**DEFAULTS, **knn_config.backend_options}
     layer_idx = getattr(module, "layer_idx", None)
-    samples = layer_samples(options, layer_idx)
     out, weights = topk_attention(
         query,
         key,
@@ -91,17 +104,11 @@ def topk_attention_forward(
         k=knn_config.resolve_k(key.shape[2], layer_idx),
         scale=scaling,
         is_causal=kwargs.get("is_causal", getattr(module, "is_causal", True)),
-        sink_tokens=knn_config.sink_tokens,
-        local_window=knn_config.local_window,
         softcap=kwargs.get("softcap"),
         dropout=dropout,
         chunk_size=knn_config.chunk_size,
         return_weights=bool(kwargs.get("output_attentions", False)),
-        rest_mean=options["rest"] == "mean",
-        tail_samples=samples,
-        generator=layer_generator(options["seed"], layer_idx, query.device, training=module.training)
-        if samples
-        else None,
+        **kernel_options(knn_config, layer_idx, query.device, training=module.training),
     )
     return out.transpose(1, 2).contiguous(), weights  # (B, Hq, Lq, D) -> (B, Lq, Hq, D)
 
