@@ -111,15 +111,19 @@ def is_global_layer(model_config: Any, layer_idx: int) -> bool:
     return getattr(model_config, "sliding_window", None) is None
 
 
+# Layer 0's attention is the flattest: the presets and the frontier's "+first" methods give it this
+# k, and their "+samples" (and the presets) this many samples of its rest to correct the rest's mean.
+FIRST_LAYER_K = "n^0.67"
+FIRST_LAYER_SAMPLES = 32
+
 # Named trade-offs between keys read and quality (measured in docs/frontier.md). Each keeps 4 sinks
-# and a 16-key window, carries the other keys' softmax mass on their values' mean, and gives layer 0,
-# whose attention is the flattest, k = n^0.67 and 32 samples of its rest that correct that mean.
-# `patch(model)` with no settings takes "balanced".
+# and a 16-key window, carries the other keys' softmax mass on their values' mean, and gives layer 0
+# its own k and samples (above). `patch(model)` with no settings takes "balanced".
 _KEPT = {
     "sink_tokens": 4,
     "local_window": 16,
-    "layer_k": {0: "n^0.67"},
-    "backend_options": {"rest": "mean", "samples": {0: 32}},
+    "layer_k": {0: FIRST_LAYER_K},
+    "backend_options": {"rest": "mean", "samples": {0: FIRST_LAYER_SAMPLES}},
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"k": 16, **_KEPT},

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..calibration import BASE, fit, measure
-from ..config import PRESETS, KNNConfig, resolve_k
+from ..config import FIRST_LAYER_K, FIRST_LAYER_SAMPLES, PRESETS, KNNConfig, resolve_k
 from ..extras import pyplot, require
 from ..io import atomic_write, write_json_atomic
 from .evaluation import DENSE, evaluate_perplexity
@@ -42,8 +42,6 @@ Table = require("rich.table", "frontier").Table
 CALIBRATED = ("calibrated", "calibrated+first", "calibrated+first+samples")
 METHODS = ("topk", "topk+first", "topk+mean", "topk+mean+first", "tail", "faiss", *CALIBRATED, *PRESETS)
 SINKS = 4
-FIRST_LAYER_K = "n^0.67"
-FIRST_LAYER_SAMPLES = 32
 
 
 def method_config(method: str, budget: int, n: int, model_config: Any) -> KNNConfig | None:
